@@ -1,0 +1,102 @@
+"""Every use of private torch APIs (torch._dynamo, torch._functorch, torch._inductor, torch._guards).
+
+Pinned to torch 2.13 (pyproject.toml); a torch upgrade should only touch this file.
+"""
+from __future__ import annotations
+
+import torch
+import torch._dynamo.exc as _dynamo_exc
+from torch._guards import detect_fake_mode as _detect_fake_mode
+from torch._inductor import config as _inductor_config
+from torch._inductor.custom_graph_pass import CustomGraphPass
+
+
+class DynamoPassthroughError(_dynamo_exc.ShortenTraceback):
+    """Base for errors raised inside a compiler backend that must reach the user unwrapped.
+
+    Dynamo wraps backend exceptions in BackendCompilerFailed, except ShortenTraceback
+    subclasses, which it re-raises as they are.
+    """
+
+    def __init__(self, *args):
+        super().__init__(*args, first_useful_frame=None)
+
+
+def fake_mode_of(values):
+    return _detect_fake_mode(values)
+
+
+def is_compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def inductor_decompositions():
+    from torch._inductor.decomposition import select_decomp_table
+
+    return select_decomp_table()
+
+
+def aot_eager_backend(joint_pass):
+    """A Dynamo backend: AOTAutograd with Inductor's decompositions, `joint_pass` on the joint
+    graph, and the forward/backward graphs run as plain aten calls (no code generation)."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.compilers import nop
+    from torch._functorch.partitioners import default_partition
+
+    def partition(joint_module, joint_inputs, **kwargs):
+        joint_pass(joint_module.graph)
+        joint_module.recompile()
+        return default_partition(joint_module, joint_inputs, **kwargs)
+
+    return aot_autograd(
+        fw_compiler=nop,
+        bw_compiler=nop,
+        partition_fn=partition,
+        decompositions=inductor_decompositions(),
+        keep_inference_input_mutations=True,
+    )
+
+
+class _JointPass(CustomGraphPass):
+    def __init__(self, fn, uuid: str, chained=None):
+        self.fn, self._uuid, self.chained = fn, uuid, chained
+
+    def __call__(self, graph):
+        if self.chained is not None:
+            self.chained(graph)
+        self.fn(graph)
+
+    def uuid(self):
+        # Enters Inductor's FX-graph and AOTAutograd cache keys, so a change to the pass
+        # never reuses a graph compiled by an older one.
+        inner = self.chained.uuid() if self.chained is not None else None
+        return (self._uuid, inner)
+
+
+def install_inductor_joint_pass(fn, uuid: str) -> None:
+    """Run `fn(graph)` on every joint forward+backward graph Inductor partitions.
+
+    Idempotent; keeps (and runs first) a pass the user had installed already.
+    """
+    current = _inductor_config.joint_custom_pre_pass
+    if isinstance(current, _JointPass) and current.fn is fn:
+        return
+    _inductor_config.joint_custom_pre_pass = _JointPass(fn, uuid, chained=current)
+
+
+def output_descriptors(output_node):
+    """AOTAutograd's per-output descriptors of a joint graph: (kind, index) pairs.
+
+    kind is "out" (forward output idx), "grad" (gradient of input idx) or None.
+    """
+    from torch._functorch._aot_autograd.descriptors import GradAOTOutput, PlainAOTInput, PlainAOTOutput
+
+    result = []
+    for d in output_node.meta.get("desc") or []:
+        if isinstance(d, PlainAOTOutput):
+            result.append(("out", d.idx))
+        elif isinstance(d, GradAOTOutput) and isinstance(d.grad_of, PlainAOTInput):
+            result.append(("grad", d.grad_of.idx))
+        else:
+            result.append((None, None))
+    return result

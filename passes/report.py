@@ -1,0 +1,39 @@
+"""What the pass did to one joint graph: the single source of truth for explain() and tests."""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch.fx
+
+# How often each rule fired, process-wide: tests assert a rule fired, not only that numbers match.
+rule_counters: Counter = Counter()
+
+
+@dataclass
+class ParamRoute:
+    name: str  # as in model.named_parameters()
+    module: str  # module path of the first forward op using it ("" = root)
+    ops: list[str]  # aten ops that consume the parameter in the forward
+    rule: str  # rule that produced its per-sample norm: "linear", "unreduce", "fallback", ...
+    strategy: str  # "ghost" (norm from activations and output grads) or "instantiate"
+    shapes: dict  # the static shapes that decided the strategy, as strings
+    extra_flops: int  # estimated FLOPs added for its norm and reweighting
+    extra_bytes: int  # estimated extra memory held for its norm
+    uses: int = 1  # number of gradient contributions (tied / shared parameters: > 1)
+
+
+@dataclass
+class RewriteReport:
+    params: list[ParamRoute]
+    frozen: list[str]  # parameters with requires_grad=False
+    batch_size: str  # symbolic or concrete, as a string
+    graph: torch.fx.Graph  # the joint graph after the rewrite (a copy)
+    # node name -> {"param": name or None, "role": "norm" | "clip" | "reweight"} for added nodes
+    added: dict[str, dict] = field(default_factory=dict)
+
+    def route(self, name: str) -> ParamRoute:
+        for r in self.params:
+            if r.name == name:
+                return r
+        raise KeyError(name)
