@@ -100,3 +100,29 @@ def output_descriptors(output_node):
         else:
             result.append((None, None))
     return result
+
+
+def input_index(placeholder) -> int | None:
+    """AOTAutograd's flat input index of a joint-graph placeholder (None for tangents)."""
+    from torch._functorch._aot_autograd.descriptors import PlainAOTInput
+
+    desc = placeholder.meta.get("desc")
+    return desc.idx if isinstance(desc, PlainAOTInput) else None
+
+
+def compile_with_backend(fn, backend):
+    """Trace `fn` whole with Dynamo; a graph break is refused rather than split."""
+    compiled = torch.compile(fn, backend=backend, fullgraph=True, dynamic=None)
+
+    def call(*args, **kwargs):
+        from .errors import PrivacyError
+
+        try:
+            return compiled(*args, **kwargs)
+        except _dynamo_exc.Unsupported as e:
+            raise PrivacyError(
+                "fxclip could not trace the model as one graph, which per-sample clipping needs: "
+                f"{str(e).splitlines()[0]}. Make the forward traceable by torch.compile(fullgraph=True)."
+            ) from e
+
+    return call

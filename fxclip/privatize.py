@@ -1,0 +1,89 @@
+"""privatize(): wrap a model so its backward clips every sample's gradient.
+
+The wrapper marks the model's inputs and outputs with fxclip ops. Under torch.compile, the
+joint-graph pass (installed into Inductor) finds the marks and rewrites the graph; called
+eagerly, the wrapper compiles the model itself with a backend that runs the same pass and
+executes the rewritten graph without code generation. Either way, one backward.
+"""
+from __future__ import annotations
+
+import itertools
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_map
+
+from . import _compile
+from .passes import PrivacyError, ops
+
+_keys = itertools.count(1)
+LOSS_REDUCTIONS = ("mean", "sum")
+
+
+class PrivatizedModule(nn.Module):
+    """`model` with per-sample clipped gradients; shares the model's parameters and buffers."""
+
+    def __init__(self, model: nn.Module, max_grad_norm: float, loss_reduction: str):
+        super().__init__()
+        self.module = model
+        self.max_grad_norm = float(max_grad_norm)
+        self.loss_reduction = loss_reduction
+        self._key = next(_keys)
+        self._eager = None
+        self.last_report = None  # RewriteReport of the latest rewritten graph
+        _compile.register(self)
+
+    @property
+    def per_sample_norms(self) -> torch.Tensor | None:
+        """Per-sample gradient norms n_i of the latest backward (detached)."""
+        return ops.last_norms.get(self._key)
+
+    def forward(self, *args, **kwargs):
+        if not self._needs_clipping():
+            return self.module(*args, **kwargs)
+        if _compile.is_compiling():
+            return self._marked_forward(*args, **kwargs)
+        if self._eager is None:
+            self._eager = _compile.compile_eager(self._marked_forward, self)
+        return self._eager(*args, **kwargs)
+
+    def _needs_clipping(self) -> bool:
+        return torch.is_grad_enabled() and any(p.requires_grad for p in self.module.parameters())
+
+    def _marked_forward(self, *args, **kwargs):
+        named = list(self.module.named_parameters())
+        names = [n for n, p in named if p.requires_grad]
+        params = [p for n, p in named if p.requires_grad]
+        frozen = [n for n, p in named if not p.requires_grad]
+        spec = ("\n".join(names), "\n".join(frozen), self.max_grad_norm,
+                self.loss_reduction == "mean", self._key)
+        args, kwargs = tree_map(_mark_input, (args, kwargs))
+        out = self.module(*args, **kwargs)
+        return tree_map(lambda y: ops.batch_output(y, params, *spec) if _is_float(y) else y, out)
+
+
+def _is_float(x) -> bool:
+    return isinstance(x, torch.Tensor) and x.is_floating_point()
+
+
+def _mark_input(x):
+    return ops.batch_input(x) if isinstance(x, torch.Tensor) else x
+
+
+def privatize(model: nn.Module, *, max_grad_norm: float, loss_reduction: str = "mean") -> PrivatizedModule:
+    """Return a module whose backward adds `sum_i R_i grad_i` to each trainable parameter's
+    .grad (divided by B for loss_reduction="mean"), R_i = min(1, C / (||grad_i|| + 1e-6)).
+
+    Use it eagerly or under torch.compile (default Inductor backend); batch dimension 0 on
+    every input and output.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"privatize expects an nn.Module, got {type(model).__name__}")
+    if isinstance(model, PrivatizedModule):
+        raise PrivacyError("this model is already privatized; pass the inner model (pm.module)")
+    if not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
+        raise ValueError(f"max_grad_norm must be a positive number, got {max_grad_norm!r}")
+    if loss_reduction not in LOSS_REDUCTIONS:
+        raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+    _compile.install()
+    return PrivatizedModule(model, max_grad_norm, loss_reduction)

@@ -1,0 +1,91 @@
+"""Custom ops that mark a privatized model's boundary in the traced graph.
+
+The markers carry the clipping spec into the joint graph, where the pass reads and removes
+them. If one ever executes, the pass did not run on that graph (e.g. a compile backend that
+skips Inductor's joint-graph passes), so its gradients would be unclipped: refuse.
+"""
+from __future__ import annotations
+
+import torch
+
+from .errors import PrivacyError
+
+# per-sample norms of the latest backward, by privatized-module key
+last_norms: dict[int, torch.Tensor] = {}
+
+_NOT_REWRITTEN = (
+    "this privatized model ran without fxclip's graph rewrite, so its gradients would not be "
+    "clipped. Call it eagerly or compile it with the default Inductor backend: torch.compile(pm)."
+)
+
+
+@torch.library.custom_op("fxclip::batch_input", mutates_args=())
+def batch_input(x: torch.Tensor) -> torch.Tensor:
+    raise PrivacyError(_NOT_REWRITTEN)
+
+
+@batch_input.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("fxclip::batch_output", mutates_args=())
+def batch_output(y: torch.Tensor, params: list[torch.Tensor], names: str, frozen: str,
+                 max_grad_norm: float, mean: bool, key: int) -> torch.Tensor:
+    """Marks a model output. `params`: the trainable parameters, `names` theirs ("\n"-joined)."""
+    raise PrivacyError(_NOT_REWRITTEN)
+
+
+@batch_output.register_fake
+def _(y, params, names, frozen, max_grad_norm, mean, key):
+    return torch.empty_like(y)
+
+
+def _identity_backward(ctx, grad):
+    return grad
+
+
+batch_input.register_autograd(_identity_backward)
+
+
+@torch.library.custom_op("fxclip::record_norms", mutates_args=())
+def record_norms(norms: torch.Tensor, clip_factor: torch.Tensor, key: int) -> torch.Tensor:
+    """Stores the per-sample norms for `pm.per_sample_norms`; returns the clip factor.
+
+    Passing R through keeps this op on the data path, so no pass can drop it as dead code.
+    """
+    last_norms[key] = norms.detach().clone()
+    return clip_factor.clone()
+
+
+@record_norms.register_fake
+def _(norms, clip_factor, key):
+    return torch.empty_like(clip_factor)
+
+
+BATCH_INPUT = torch.ops.fxclip.batch_input.default
+BATCH_OUTPUT = torch.ops.fxclip.batch_output.default
+RECORD_NORMS = torch.ops.fxclip.record_norms.default
+
+
+@torch.library.custom_op("fxclip::output_grad", mutates_args=())
+def output_grad(g: torch.Tensor) -> torch.Tensor:
+    """Marks the gradient arriving at the privatized model's output: the backward's seed."""
+    raise PrivacyError(_NOT_REWRITTEN)
+
+
+@output_grad.register_fake
+def _(g):
+    return torch.empty_like(g)
+
+
+def _output_setup(ctx, inputs, output):
+    ctx.n_params = len(inputs[1])
+
+
+def _output_backward_marked(ctx, grad):
+    return (output_grad(grad), [None] * ctx.n_params) + (None,) * 5
+
+
+batch_output.register_autograd(_output_backward_marked, setup_context=_output_setup)
+OUTPUT_GRAD = torch.ops.fxclip.output_grad.default

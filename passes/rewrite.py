@@ -1,0 +1,288 @@
+"""The joint-graph pass: per-sample norms, clip factors and reweighted gradients in one backward.
+
+Runs on AOTAutograd's joint forward+backward graph before partitioning. For every trainable
+parameter of the privatized model it replaces the gradient output `sum_i grad_i` with
+`sum_i R_i grad_i`, R_i = min(1, C / (n_i + 1e-6)), n_i the norm of sample i's gradient over
+all parameters, each parameter routed through the first rule that matches (passes/rules).
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from . import ops
+from ._torch import input_index, output_descriptors
+from .builder import GraphBuilder
+from .errors import PrivacyError
+from .layout import Layout, analyze, known_equal
+from .report import ParamRoute, RewriteReport, rule_counters
+from .rules import RULES, Contribution, norm_sq_of, weighted_sum
+
+aten = torch.ops.aten
+
+# Ops that only move a gradient's values around: a parameter gradient is a sum over the batch
+# followed by these, which rules replay per sample.
+LAYOUT_OPS = {
+    aten.permute.default, aten.t.default, aten.transpose.int, aten.view.default,
+    aten._unsafe_view.default, aten.reshape.default, aten.clone.default, aten.alias.default,
+    aten.squeeze.dim, aten.squeeze.dims, aten.unsqueeze.default, aten._to_copy.default,
+    torch.ops.prims.convert_element_type.default,
+}
+
+GRAPH_BREAK = (
+    "the privatized model was split into several compiled graphs (a graph break), so no single "
+    "graph sees every parameter's per-sample gradient and the clipping would be wrong. Remove the "
+    "graph break (run torch._dynamo.explain(model)(x) to find it), or compile with fullgraph=True "
+    "to see where it happens."
+)
+
+
+class Context:
+    """What rules read: the graph, batch layouts, the batch size and the per-sample cache."""
+
+    def __init__(self, graph, builder, layouts, bref, output_grads):
+        self.graph, self.builder, self.layouts = graph, builder, layouts
+        self.bref = bref  # a (B, ...) tensor node: inside traced fns, B = bref.shape[0]
+        self.batch_size = bref.meta["val"].shape[0]
+        self.batch_hint = _hint(self.batch_size)
+        self.output_grads = output_grads
+        self.after_output_grads = _descendants(output_grads)
+        self.param_shape: tuple = ()
+        self.param_numel = 0
+        self._per_sample: dict = {}
+
+    def per_sample(self, route):
+        if id(route) not in self._per_sample:
+            self._per_sample[id(route)] = route.per_sample(self)
+        return self._per_sample[id(route)]
+
+
+def _hint(x) -> int:
+    if isinstance(x, int):
+        return x
+    hint = x.node.hint
+    return int(hint) if hint is not None else 8
+
+
+def _descendants(seeds) -> set:
+    found = set()
+    stack = list(seeds)
+    while stack:
+        for user in stack.pop().users:
+            if user not in found:
+                found.add(user)
+                stack.append(user)
+    return found
+
+
+def _markers(graph, target):
+    return [n for n in graph.nodes if n.op == "call_function" and n.target == target]
+
+
+def _read_spec(outputs) -> dict:
+    specs = {tuple(n.args[2:]) for n in outputs}
+    if len(specs) != 1:
+        raise PrivacyError(
+            "one compiled graph holds several privatized models; compile each privatized model "
+            "on its own (torch.compile(pm)) and call them separately."
+        )
+    names, frozen, max_grad_norm, mean, key = specs.pop()
+    return {"names": names.split("\n") if names else [], "frozen": frozen.split("\n") if frozen else [],
+            "max_grad_norm": max_grad_norm, "mean": mean, "key": key}
+
+
+def _remove(marker):
+    marker.replace_all_uses_with(marker.args[0])
+    marker.graph.erase_node(marker)
+
+
+def _contributions(grad: fx.Node, backward: set) -> list[Contribution]:
+    """Split a parameter's gradient into the terms of its top-level sum (tied / reused params)."""
+    found = []
+
+    def walk(node, path):
+        if node.op == "call_function" and node.target in LAYOUT_OPS:
+            walk(node.args[0], [node] + path)
+        elif (node.op == "call_function" and node.target == aten.add.Tensor and not node.kwargs
+              and all(isinstance(a, fx.Node) and a in backward
+                      and a.meta["val"].shape == node.meta["val"].shape for a in node.args)):
+            for a in node.args:
+                walk(a, [node] + path)
+        else:
+            found.append(Contribution(node, path))
+
+    walk(grad, [])
+    return found
+
+
+def _route(contribution, ctx):
+    for name, match in RULES:
+        route = match(contribution, ctx)
+        if route is not None:
+            return route
+    raise AssertionError("the fallback rule matches every contribution")
+
+
+def _module_and_ops(param: fx.Node):
+    """Where a parameter is used in the forward: module path and the aten ops it feeds."""
+    ops_used, module = [], ""
+    stack = list(param.users)
+    while stack:
+        user = stack.pop(0)
+        if user.op != "call_function":
+            continue
+        if user.target in LAYOUT_OPS:
+            stack.extend(user.users)
+            continue
+        name = str(user.target).replace("aten.", "")
+        if name not in ops_used:
+            ops_used.append(name)
+        stack_meta = user.meta.get("nn_module_stack")
+        if stack_meta and not module:
+            module = _clean_module_path(list(stack_meta.values())[-1][0])
+    return module, ops_used
+
+
+def _clean_module_path(path: str) -> str:
+    # Dynamo writes e.g. "L['self'].module.layers[0].fc" or "L['self']._modules['module']..."
+    for prefix in ("L['self'].module.", "L['self'].module", "L['self'].", "L['self']"):
+        if path.startswith(prefix):
+            return path[len(prefix):]
+    return path
+
+
+def _clip_fn(max_grad_norm: float, mean: bool, key: int):
+    def clip(total_sq, bref):
+        norms = total_sq.sqrt()
+        if mean:  # the output gradient carried 1/B: undo it to clip grad L_i itself
+            norms = norms * bref.shape[0]
+        factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        return ops.record_norms(norms, factor, key)
+
+    return clip
+
+
+def rewrite_joint_graph(graph: fx.Graph) -> RewriteReport | None:
+    """Rewrite a joint graph holding a privatized model; returns None for any other graph."""
+    inputs = _markers(graph, ops.BATCH_INPUT)
+    outputs = _markers(graph, ops.BATCH_OUTPUT)
+    if not inputs and not outputs:
+        return None
+    grads_in = _markers(graph, ops.OUTPUT_GRAD)
+    if not inputs or not outputs or not grads_in:
+        raise PrivacyError(GRAPH_BREAK)
+    spec = _read_spec(outputs)
+    params = dict(zip(outputs[0].args[1], spec["names"]))
+    batch_nodes = [m.args[0] for m in inputs]
+    seeds = [m.args[0] for m in grads_in]
+    for marker in inputs + outputs + grads_in:
+        _remove(marker)
+
+    output = graph.output_node()
+    placeholders = {input_index(n): n for n in graph.nodes if n.op == "placeholder"}
+    grad_slots = {}  # param placeholder -> position in the output tuple
+    for pos, (kind, idx) in enumerate(output_descriptors(output)):
+        if kind == "grad" and output.args[0][pos] is not None:
+            grad_slots[placeholders[idx]] = pos
+
+    bref = batch_nodes[0]
+    B = bref.meta["val"].shape[0]
+    seeds_layout = {n: Layout(0) for n in batch_nodes + seeds}
+    layouts = analyze(graph, seeds_layout, B)
+    builder = GraphBuilder(graph, output)
+    ctx = Context(graph, builder, layouts, bref, seeds)
+    for s in seeds:
+        if not known_equal(s.meta["val"].shape[0], B):
+            raise PrivacyError(
+                f"the model output has batch size {s.meta['val'].shape[0]} but the input has {B}: "
+                "every output of a privatized model must have the batch in dim 0."
+            )
+
+    routes: dict[fx.Node, list] = {}
+    norm_terms = []
+    for param, name in params.items():
+        if param not in grad_slots:
+            continue  # unused in this forward: it gets no gradient at all
+        grad = output.args[0][grad_slots[param]]
+        ctx.param_shape = tuple(param.meta["val"].shape)
+        ctx.param_numel = _hint(param.meta["val"].numel())
+        found = [_route(c, ctx) for c in _contributions(grad, ctx.after_output_grads)]
+        routes[param] = found
+        builder.tag = {"param": name, "role": "norm"}
+        if len(found) == 1:
+            norm_terms.append(found[0].norm_sq(ctx))
+        else:  # a shared parameter: the norm of its TOTAL per-sample gradient
+            total = builder.call(lambda *ps: sum(ps), *[ctx.per_sample(r) for r in found])
+            ctx._per_sample[("total", param)] = total
+            norm_terms.append(builder.call(norm_sq_of, total))
+
+    if not routes:
+        return None  # nothing trainable reached the output
+    builder.tag = {"param": None, "role": "clip"}
+    total_sq = builder.call(lambda *ts: sum(ts), *norm_terms)
+    clip = builder.call(_clip_fn(spec["max_grad_norm"], spec["mean"], spec["key"]),
+                        total_sq, bref)
+
+    new_outputs = list(output.args[0])
+    for param, found in routes.items():
+        name = params[param]
+        builder.tag = {"param": name, "role": "reweight"}
+        if len(found) == 1:
+            new = found[0].reweighted(ctx, clip)
+        else:
+            new = builder.call(weighted_sum, ctx._per_sample[("total", param)], clip)
+        old = new_outputs[grad_slots[param]]
+        want = old.meta["val"]
+        if new.meta["val"].dtype != want.dtype or tuple(new.meta["val"].shape) != tuple(want.shape):
+            new = builder.call(lambda t: t.to(want.dtype).reshape(want.shape), new)
+        new.meta["fxclip"] = {"param": name, "role": "reweight"}
+        new_outputs[grad_slots[param]] = new
+    output.args = (tuple(new_outputs),) + tuple(output.args[1:])
+    graph.eliminate_dead_code()
+    check_coverage(graph, params, set(batch_nodes))
+    graph.lint()
+    return _report(graph, spec, params, routes, B)
+
+
+def check_coverage(graph: fx.Graph, params: dict, batch_inputs: set) -> None:
+    """Every gradient the graph returns is either a reweighted parameter gradient or a gradient
+    of a model input; anything else would leave the graph unclipped."""
+    output = graph.output_node()
+    placeholders = {input_index(n): n for n in graph.nodes if n.op == "placeholder"}
+    for pos, (kind, idx) in enumerate(output_descriptors(output)):
+        node = output.args[0][pos]
+        if kind != "grad" or node is None:
+            continue
+        source = placeholders[idx]
+        if source in batch_inputs:
+            continue
+        tag = node.meta.get("fxclip", {})
+        name = params.get(source)
+        if tag.get("role") != "reweight" or tag.get("param") != name:
+            what = f"parameter {name!r}" if name else f"graph input {source.name}"
+            raise PrivacyError(
+                f"{what} would receive an unclipped gradient: it is trained inside the compiled "
+                "region but is not a trainable parameter of the privatized model. Move it into the "
+                "model passed to fxclip.privatize, or freeze it (requires_grad_(False))."
+            )
+
+
+def _report(graph, spec, params, routes, B) -> RewriteReport:
+    rows = []
+    for param, found in routes.items():
+        module, ops_used = _module_and_ops(param)
+        first = found[0]
+        for r in found:
+            rule_counters[r.rule] += 1
+        rows.append(ParamRoute(
+            name=params[param], module=module, ops=ops_used,
+            rule="+".join(sorted({r.rule for r in found})),
+            strategy="ghost" if all(r.strategy == "ghost" for r in found) and len(found) == 1 else "instantiate",
+            shapes=first.shapes, extra_flops=sum(r.extra_flops for r in found),
+            extra_bytes=sum(r.extra_bytes for r in found), uses=len(found)))
+    unused = [params[p] for p in params if p not in routes]
+    copy = fx.Graph()
+    copy.output(copy.graph_copy(graph, {}))
+    added = {n.name: dict(n.meta["fxclip"]) for n in graph.nodes if "fxclip" in n.meta}
+    return RewriteReport(params=rows, frozen=list(spec.get("frozen", [])), batch_size=str(B),
+                         graph=copy, added=added, key=spec["key"], unused=unused)

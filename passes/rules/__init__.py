@@ -1,0 +1,117 @@
+"""Per-parameter rules: how one gradient contribution gets its per-sample norm and reweighting.
+
+A rule is a `match(contribution, ctx) -> Route | None` function registered with @rule; rules are
+tried in registration order (most specific first, the generic fallback last).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from ..builder import run_node
+
+aten = torch.ops.aten
+
+RULES: list = []  # (name, match) in priority order
+
+
+def rule(name: str):
+    def register(match):
+        RULES.append((name, match))
+        return match
+
+    return register
+
+
+def registered_rules() -> list[str]:
+    return [name for name, _ in RULES]
+
+
+@dataclass
+class Contribution:
+    """One term of a parameter's gradient: `root` is the op that sums over the batch, `path`
+    the linear layout ops (and adds) that carry its value to the parameter's gradient output."""
+
+    root: fx.Node
+    path: list[fx.Node]
+
+
+@dataclass
+class Route:
+    """A matched rule for one contribution. Methods trace into the graph via ctx.builder."""
+
+    rule: str
+    strategy: str  # "ghost" | "instantiate"
+    contribution: Contribution
+    shapes: dict = field(default_factory=dict)
+    extra_flops: int = 0
+    extra_bytes: int = 0
+
+    def norm_sq(self, ctx):  # -> node (B,) float: per-sample squared norm of this contribution
+        raise NotImplementedError
+
+    def per_sample(self, ctx):  # -> node (B, *param.shape)
+        raise NotImplementedError
+
+    def reweighted(self, ctx, clip):  # -> node (param.shape): sum_i R_i * contribution_i
+        raise NotImplementedError
+
+
+def replay(path: list[fx.Node], start: fx.Node, value):
+    """Apply the linear layout ops of `path` to `value` standing for `start` (inside a traced fn).
+
+    An add on the path whose other operand is another contribution passes the value through:
+    the path maps one term of a sum.
+    """
+    env = {start: value}
+    for node in path:
+        if node.target == aten.add.Tensor and sum(a in env for a in node.args) == 1:
+            env[node] = next(env[a] for a in node.args if a in env)
+        else:
+            env[node] = run_node(node, env)
+    return env[path[-1]] if path else value
+
+
+def norm_sq_of(per_sample: torch.Tensor) -> torch.Tensor:
+    """Squared L2 norm of each sample's slice, accumulated in float32 (or wider)."""
+    p = per_sample.float() if per_sample.dtype in (torch.float16, torch.bfloat16) else per_sample
+    return p.reshape(p.shape[0], -1).square().sum(1)
+
+
+def split_batch(x: torch.Tensor, layout, batch: int) -> torch.Tensor:
+    """View dim `layout.dim` (size B * inner, batch-major) as (B, inner), moved to the front."""
+    d = layout.dim
+    shape = list(x.shape)
+    x = x.reshape(shape[:d] + [batch, shape[d] // batch] + shape[d + 1:])
+    return x.movedim(d, 0)
+
+
+def scale_by_sample(x: torch.Tensor, layout, clip: torch.Tensor) -> torch.Tensor:
+    """Multiply each sample's part of x by its clip factor (x keeps its shape)."""
+    d, batch = layout.dim, clip.shape[0]
+    shape = list(x.shape)
+    split = shape[:d] + [batch, shape[d] // batch] + shape[d + 1:]
+    factor = clip.to(x.dtype).reshape([1] * d + [batch, 1] + [1] * (len(shape) - d - 1))
+    return (x.reshape(split) * factor).reshape(shape)
+
+
+def weighted_sum(per_sample: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
+    """sum_i clip_i * per_sample_i."""
+    factor = clip.to(per_sample.dtype).reshape([-1] + [1] * (per_sample.dim() - 1))
+    return (per_sample * factor).sum(0)
+
+
+class InstantiatedRoute(Route):
+    """A route whose norm and reweighting come from its per-sample gradients (B, *shape)."""
+
+    def norm_sq(self, ctx):
+        return ctx.builder.call(norm_sq_of, ctx.per_sample(self))
+
+    def reweighted(self, ctx, clip):
+        return ctx.builder.call(weighted_sum, ctx.per_sample(self), clip)
+
+
+# Import order is priority order.
+from . import linear, unreduce, fallback  # noqa: E402,F401

@@ -1,0 +1,75 @@
+"""Generic fallback: instantiate the per-sample gradient inside the graph.
+
+The gradient is linear in the gradient arriving at the model output, and samples are
+independent, so sample i's gradient is the same backward computation with that output
+gradient masked to sample i. vmap over the B one-hot masks runs the backward slice that
+feeds this contribution once per sample, batched: exact for any op, at B times its cost.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from ..builder import is_tensor_node, run_node
+from . import InstantiatedRoute, replay, rule
+
+
+def backward_slice(root: fx.Node, seeds: list, after_seeds: set) -> tuple[list, list]:
+    """Nodes between the seeds and root, in graph order, and the tensors they read from outside.
+
+    `after_seeds` holds every node computed from a seed (seeds excluded).
+    """
+    inside: set = set()
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if node in inside or node in seeds:
+            continue
+        # symbolic sizes are recomputed inside: a traced fn can't take SymInts as inputs
+        if node in after_seeds or not is_tensor_node(node):
+            inside.add(node)
+            stack.extend(node.all_input_nodes)
+    order = [n for n in root.graph.nodes if n in inside]
+    outside = []
+    for node in order:
+        for a in node.all_input_nodes:
+            if a not in inside and a not in seeds and a not in outside:
+                outside.append(a)
+    return order, outside
+
+
+class FallbackRoute(InstantiatedRoute):
+    def per_sample(self, ctx):
+        c = self.contribution
+        seeds = list(ctx.output_grads)
+        order, outside = backward_slice(c.root, seeds, ctx.after_output_grads)
+        n_seeds = len(seeds)
+
+        def fn(*values):
+            seed_vals, outside_vals = values[:n_seeds], values[n_seeds:]
+            batch = seed_vals[0].shape[0]
+            masks = torch.eye(batch, dtype=seed_vals[0].dtype, device=seed_vals[0].device)
+
+            def one_sample(mask):
+                env = dict(zip(outside, outside_vals))
+                for s, v in zip(seeds, seed_vals):
+                    env[s] = v * mask.reshape([batch] + [1] * (v.dim() - 1))
+                for node in order:
+                    env[node] = run_node(node, env)
+                return replay(c.path, c.root, env[c.root])
+
+            return torch.vmap(one_sample)(masks)
+
+        return ctx.builder.call(fn, *seeds, *outside)
+
+
+@rule("fallback")
+def match_fallback(contribution, ctx):
+    seeds = list(ctx.output_grads)
+    order, _ = backward_slice(contribution.root, seeds, ctx.after_output_grads)
+    work = sum(n.meta["val"].numel() for n in order if is_tensor_node(n))
+    work = work if isinstance(work, int) else 0
+    return FallbackRoute("fallback", "instantiate", contribution,
+                         shapes={"B": str(ctx.batch_size), "param": str(ctx.param_shape)},
+                         extra_flops=ctx.batch_hint * work,
+                         extra_bytes=4 * ctx.batch_hint * (ctx.param_numel + work))

@@ -1,0 +1,103 @@
+"""Linear-like ops: a parameter gradient computed as mm(X, Y) contracting the batch rows.
+
+Per sample i the contribution is X_i Y_i (X_i: m x T, Y_i: T x k, T rows per sample).
+- ghost, T = 1:  ||X_i Y_i||^2 = ||x_i||^2 ||y_i||^2
+- ghost, T > 1:  ||X_i Y_i||^2 = <X_i^T X_i, Y_i Y_i^T>   (two T x T Gram matrices)
+- instantiate:   X_i Y_i as one bmm, when B*T*m*k is cheaper than B*T^2*(m+k)
+Reweighting scales one operand's rows by R: sum_i R_i X_i Y_i = mm(X * R, Y).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..layout import Layout, known_equal
+from . import InstantiatedRoute, replay, rule, scale_by_sample, split_batch
+
+aten = torch.ops.aten
+
+
+def _hint(x) -> int:
+    return x if isinstance(x, int) else x.node.hint if x.node.hint is not None else 1
+
+
+def _rows(x, layout: Layout, batch: int):
+    """X with batch on `layout.dim` -> (B, T, other) float tensor of per-sample rows."""
+    s = split_batch(x, layout, batch)  # (B, T, other) or (B, other, T)
+    return s if layout.dim == 0 else s.transpose(1, 2)
+
+
+def _gram_norm_sq(x, y, lx, ly, bref):
+    batch = bref.shape[0]
+    a = _rows(x, lx, batch)
+    b = _rows(y, ly, batch)
+    a = a.float() if a.dtype in (torch.float16, torch.bfloat16) else a
+    b = b.float() if b.dtype in (torch.float16, torch.bfloat16) else b
+    if a.shape[1] == 1:
+        return a.square().sum((1, 2)) * b.square().sum((1, 2))
+    ga = torch.bmm(a, a.transpose(1, 2))
+    gb = torch.bmm(b, b.transpose(1, 2))
+    return (ga * gb).sum((1, 2))
+
+
+class LinearRoute(InstantiatedRoute):
+    def __init__(self, strategy, contribution, x, y, lx, ly, **kw):
+        super().__init__("linear", strategy, contribution, **kw)
+        self.x, self.y, self.lx, self.ly = x, y, lx, ly
+
+    def per_sample(self, ctx):
+        c, lx, ly = self.contribution, self.lx, self.ly
+
+        def fn(x, y, bref):
+            batch = bref.shape[0]
+            per = torch.bmm(_rows(x, lx, batch).transpose(1, 2), _rows(y, ly, batch))
+            return torch.vmap(lambda v: replay(c.path, c.root, v))(per)
+
+        return ctx.builder.call(fn, self.x, self.y, ctx.bref)
+
+    def norm_sq(self, ctx):
+        if self.strategy == "instantiate":
+            return super().norm_sq(ctx)
+        lx, ly = self.lx, self.ly
+        return ctx.builder.call(lambda x, y, b: _gram_norm_sq(x, y, lx, ly, b), self.x, self.y, ctx.bref)
+
+    def reweighted(self, ctx, clip):
+        if self.strategy == "instantiate":
+            return super().reweighted(ctx, clip)
+        c, lx, ly = self.contribution, self.lx, self.ly
+        scale_x = _hint(self.x.meta["val"].numel()) <= _hint(self.y.meta["val"].numel())
+
+        def fn(x, y, r):
+            if scale_x:
+                x = scale_by_sample(x, lx, r)
+            else:
+                y = scale_by_sample(y, ly, r)
+            return replay(c.path, c.root, torch.mm(x, y))
+
+        return ctx.builder.call(fn, self.x, self.y, clip)
+
+
+
+@rule("linear")
+def match_linear(contribution, ctx):
+    root = contribution.root
+    if root.target != aten.mm.default:
+        return None
+    x, y = root.args[:2]
+    lx, ly = ctx.layouts.get(x), ctx.layouts.get(y)
+    if not (isinstance(lx, Layout) and isinstance(ly, Layout)):
+        return None
+    if lx.dim != 1 or ly.dim != 0 or not (lx.batch_major and ly.batch_major):
+        return None
+    if not known_equal(lx.inner, ly.inner):
+        return None
+    batch = ctx.batch_hint
+    T = _hint(lx.inner)
+    m, k = _hint(x.meta["val"].shape[0]), _hint(y.meta["val"].shape[1])
+    ghost_flops = 2 * batch * (T * (m + k) if T == 1 else T * T * (m + k + 1))
+    inst_flops = 2 * batch * T * m * k
+    strategy = "ghost" if ghost_flops <= inst_flops else "instantiate"
+    shapes = {"B": str(ctx.batch_size), "T": str(lx.inner), "m": str(m), "k": str(k)}
+    extra_bytes = 4 * batch * (2 * T * T if T > 1 and strategy == "ghost" else m * k if strategy == "instantiate" else 2)
+    return LinearRoute(strategy, contribution, x, y, lx, ly, shapes=shapes,
+                       extra_flops=ghost_flops if strategy == "ghost" else inst_flops,
+                       extra_bytes=extra_bytes)
