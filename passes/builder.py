@@ -10,7 +10,7 @@ import torch.fx as fx
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ._torch import fake_mode_of
+from ._torch import fake_mode_of, inductor_decompositions
 
 
 class GraphBuilder:
@@ -24,7 +24,8 @@ class GraphBuilder:
         """Trace fn(*values of inputs) into the graph; returns its output nodes (same pytree)."""
         values = [n.meta["val"] for n in inputs]
         with self.fake_mode:
-            traced = make_fx(fn, tracing_mode="real")(*values)
+            # the same decompositions as the rest of the graph, so Inductor can lower every node
+            traced = make_fx(fn, tracing_mode="real", decomposition_table=_decompositions())(*values)
         env: dict[fx.Node, fx.Node] = {}
         placeholders = iter(inputs)
         result = None
@@ -41,6 +42,16 @@ class GraphBuilder:
                     env[node] = new
         flat, spec = tree_flatten(result)
         return tree_unflatten([env[n] if isinstance(n, fx.Node) else n for n in flat], spec)
+
+
+_decomps = None
+
+
+def _decompositions():
+    global _decomps
+    if _decomps is None:
+        _decomps = inductor_decompositions()
+    return _decomps
 
 
 def run_node(node: fx.Node, env: dict, default=None):
