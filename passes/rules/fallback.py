@@ -14,10 +14,22 @@ from ..builder import is_tensor_node, run_node
 from . import InstantiatedRoute, replay, rule
 
 
+def _size_source(sym: fx.Node):
+    """A tensor placeholder and dim whose size is the symbolic size placeholder `sym`."""
+    expr = sym.meta["val"].node.expr
+    for node in sym.graph.nodes:
+        if node.op == "placeholder" and is_tensor_node(node):
+            for d, size in enumerate(node.meta["val"].shape):
+                if isinstance(size, torch.SymInt) and size.node.expr == expr:
+                    return node, d
+    raise NotImplementedError(f"no tensor carries the size {expr}")
+
+
 def backward_slice(root: fx.Node, seeds: list, after_seeds: set) -> tuple[list, list]:
     """Nodes between the seeds and root, in graph order, and the tensors they read from outside.
 
-    `after_seeds` holds every node computed from a seed (seeds excluded).
+    `after_seeds` holds every node computed from a seed (seeds excluded). A symbolic size input
+    is read off a tensor input's shape, since a traced function can't take SymInts as inputs.
     """
     inside: set = set()
     stack = [root]
@@ -32,7 +44,8 @@ def backward_slice(root: fx.Node, seeds: list, after_seeds: set) -> tuple[list, 
     order = [n for n in root.graph.nodes if n in inside]
     outside = []
     for node in order:
-        for a in node.all_input_nodes:
+        reads = [_size_source(node)[0]] if node.op == "placeholder" else node.all_input_nodes
+        for a in reads:
             if a not in inside and a not in seeds and a not in outside:
                 outside.append(a)
     return order, outside
@@ -55,7 +68,11 @@ class FallbackRoute(InstantiatedRoute):
                 for s, v in zip(seeds, seed_vals):
                     env[s] = v * mask.reshape([batch] + [1] * (v.dim() - 1))
                 for node in order:
-                    env[node] = run_node(node, env)
+                    if node.op == "placeholder":  # a symbolic size
+                        source, dim = _size_source(node)
+                        env[node] = env[source].shape[dim]
+                    else:
+                        env[node] = run_node(node, env)
                 return replay(c.path, c.root, env[c.root])
 
             return torch.vmap(one_sample)(masks)
