@@ -1,0 +1,79 @@
+"""make_private: the one-call setup Opacus users know, on top of privatize + DPOptimizer."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .accounting import Accountant, noise_multiplier_for
+from .optim import DPOptimizer
+from .privatize import privatize
+from .sampling import PoissonDataLoader
+
+
+def make_private(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data_loader: DataLoader,
+    *,
+    noise_multiplier: float | None = None,
+    target_epsilon: float | None = None,
+    target_delta: float | None = None,
+    epochs: int | None = None,
+    max_grad_norm: float,
+    loss_reduction: str = "mean",
+    poisson_sampling: bool = True,
+    generator: torch.Generator | None = None,
+    secure_rng: bool = False,
+    accountant: str = "rdp",
+):
+    """Returns (privatized module, DPOptimizer, data loader) ready for DP-SGD.
+
+    Give either `noise_multiplier`, or `target_epsilon` + `target_delta` + `epochs` (the noise
+    multiplier is then calibrated with dp_accounting so that training for `epochs` epochs of the
+    returned loader spends exactly the target).
+
+    The loader is a Poisson-sampling loader over `data_loader`'s dataset with sample rate
+    q = data_loader.batch_size / len(dataset) and expected batch size data_loader.batch_size;
+    an epoch is round(1/q) batches. `generator` seeds both the sampling and the noise (tests,
+    experiments); real deployments should use secure_rng=True for the noise.
+
+    poisson_sampling=False keeps `data_loader` as is. The accountant still assumes Poisson
+    sampling, so epsilon is then a heuristic, not a guarantee.
+    """
+    if (noise_multiplier is None) == (target_epsilon is None):
+        raise ValueError("give exactly one of noise_multiplier= or target_epsilon= (with target_delta= "
+                         f"and epochs=); got noise_multiplier={noise_multiplier!r}, "
+                         f"target_epsilon={target_epsilon!r}")
+    if target_epsilon is not None and (target_delta is None or epochs is None):
+        raise ValueError("target_epsilon needs target_delta= and epochs= to calibrate the noise")
+    if noise_multiplier is not None and epochs is not None:
+        raise ValueError("epochs= is only used with target_epsilon=; with noise_multiplier= just "
+                         "train as long as you like and read opt.epsilon(delta)")
+    if not isinstance(data_loader, DataLoader):
+        raise TypeError(f"data_loader must be a torch DataLoader, got {type(data_loader).__name__}")
+
+    batch_size = data_loader.batch_size or getattr(data_loader.batch_sampler, "batch_size", None)
+    if not batch_size:
+        raise ValueError("cannot infer the expected batch size: give the data loader a batch_size")
+    n = len(data_loader.dataset)
+    sample_rate = batch_size / n
+
+    if poisson_sampling:
+        loader = PoissonDataLoader.from_data_loader(data_loader, generator=generator)
+    else:
+        loader = data_loader
+
+    if target_epsilon is not None:
+        if not (isinstance(epochs, (int, float)) and epochs > 0):
+            raise ValueError(f"epochs must be positive, got {epochs!r}")
+        steps = int(round(epochs * len(loader)))
+        noise_multiplier = noise_multiplier_for(target_epsilon, target_delta, sample_rate, steps,
+                                                mechanism=accountant)
+
+    pm = privatize(model, max_grad_norm=max_grad_norm, loss_reduction=loss_reduction)
+    opt = DPOptimizer(optimizer, pm, noise_multiplier=noise_multiplier, expected_batch_size=batch_size,
+                      sample_rate=sample_rate, generator=None if secure_rng else generator,
+                      secure_rng=secure_rng,
+                      accountant=Accountant(accountant))
+    return pm, opt, loader

@@ -1,0 +1,280 @@
+"""DPOptimizer: Gaussian noise on the clipped gradient sum, then any torch optimizer's step.
+
+The privatized module's backward leaves p.grad = (1/B if "mean" else 1) * sum_i R_i grad_i for the
+ACTUAL batch size B. DP-SGD needs
+
+    update gradient = (sum_i R_i grad_i + N(0, sigma^2 C^2)) / expected_batch_size   ("mean")
+    update gradient =  sum_i R_i grad_i + N(0, sigma^2 C^2)                          ("sum")
+
+Dividing by the expected (not the actual) batch size keeps the sensitivity fixed under Poisson
+sampling: the actual size depends on who is in the batch. To get the plain sum back we scale each
+backward's contribution by its own B in a gradient hook, before it is accumulated into .grad;
+that makes gradient accumulation exact even when micro-batches differ in size.
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections import OrderedDict
+
+import numpy as np
+import torch
+from torch import nn
+
+from .accounting import Accountant
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    # torch.compile(pm) returns a wrapper that keeps the original module as _orig_mod
+    return getattr(module, "_orig_mod", module)
+
+
+def secure_normal(shape, *, dtype=torch.float64) -> torch.Tensor:
+    """Standard normal samples from the OS's CSPRNG (os.urandom), via Box-Muller in float64.
+
+    Costs 16 random bytes per sample; fine for small and medium models, slow for huge ones.
+    """
+    n = math.prod(shape)
+    m = (n + 1) // 2
+    words = np.frombuffer(os.urandom(16 * m), dtype=np.uint64).reshape(2, m)
+    u = ((words >> np.uint64(11)).astype(np.float64) + 0.5) / 2.0**53  # in (0, 1), never 0
+    r = np.sqrt(-2.0 * np.log(u[0]))
+    z = np.concatenate([r * np.cos(2 * np.pi * u[1]), r * np.sin(2 * np.pi * u[1])])[:n]
+    return torch.from_numpy(z).reshape(shape).to(dtype)
+
+
+class DPOptimizer(torch.optim.Optimizer):
+    """Wraps `optimizer` so that step() performs a DP-SGD step on the clipped gradients.
+
+    Args:
+        optimizer: any torch optimizer over (a subset of) the privatized model's parameters.
+        privatized_module: the module from fxclip.privatize (compiled or not).
+        noise_multiplier: sigma; the noise std on the gradient sum is sigma * max_grad_norm.
+        expected_batch_size: divisor of the noised sum for loss_reduction="mean"
+            (for Poisson sampling: q * dataset size, NOT the actual batch size).
+        max_grad_norm: C for the noise scale; default the module's. It may not be smaller than
+            the module's clipping bound (the noise would undershoot the sensitivity).
+        loss_reduction: "mean" or "sum"; default the module's.
+        sample_rate: Poisson sampling rate q, needed for accounting (make_private sets it).
+        generator: torch.Generator for the noise, so tests and experiments can be seeded.
+            Default: torch's global RNG. A Mersenne-Twister/Philox stream is predictable from its
+            seed/state, so it is fine for research but NOT for a real deployment.
+        secure_rng: draw the noise from the operating system's CSPRNG (os.urandom) instead;
+            use this for real deployments. Slower (CPU, 16 bytes per coordinate); no seeding.
+        accountant: an fxclip.accounting.Accountant, or "rdp" (default) / "pld".
+
+    Gradient accumulation: call backward on several micro-batches, then step() once. The noise
+    is added once and the accountant counts one step per step() call (a logical batch).
+    A step() with no backward since zero_grad() (an empty Poisson batch) still adds noise and
+    is counted: skipping it would leak that the batch was empty.
+
+    The state_dict holds the inner optimizer's state and the accountant's history, so a run
+    resumed from it continues epsilon. It does not hold the noise generator's state (a leaked
+    checkpoint would reveal the noise): reseed, or better use secure_rng, after resuming.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        privatized_module: nn.Module,
+        *,
+        noise_multiplier: float,
+        expected_batch_size: int,
+        max_grad_norm: float | None = None,
+        loss_reduction: str | None = None,
+        sample_rate: float | None = None,
+        generator: torch.Generator | None = None,
+        secure_rng: bool = False,
+        accountant: Accountant | str = "rdp",
+    ):
+        if isinstance(optimizer, DPOptimizer):
+            raise TypeError("optimizer is already a DPOptimizer; wrap the plain torch optimizer")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        pm = _unwrap(privatized_module)
+        if not all(hasattr(pm, a) for a in ("max_grad_norm", "loss_reduction", "per_sample_norms")):
+            raise TypeError("privatized_module must come from fxclip.privatize(model, ...), "
+                            f"got {type(privatized_module).__name__}")
+        if noise_multiplier is None or not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
+            raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}")
+        if isinstance(expected_batch_size, bool) or not isinstance(expected_batch_size, int) \
+                or expected_batch_size <= 0:
+            raise ValueError(f"expected_batch_size must be a positive int, got {expected_batch_size!r}")
+        max_grad_norm = pm.max_grad_norm if max_grad_norm is None else float(max_grad_norm)
+        if max_grad_norm < pm.max_grad_norm:
+            raise ValueError(f"max_grad_norm={max_grad_norm} is smaller than the module's clipping "
+                             f"bound {pm.max_grad_norm}: the noise would not cover the sensitivity")
+        loss_reduction = pm.loss_reduction if loss_reduction is None else loss_reduction
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        if sample_rate is not None and not 0 < sample_rate <= 1:
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+        if secure_rng and generator is not None:
+            raise ValueError("pass either generator= (seedable, for tests) or secure_rng=True, not both")
+        if isinstance(accountant, str):
+            accountant = Accountant(accountant)
+
+        module_params = {id(p) for p in pm.parameters()}
+        self._params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+        stray = [i for i, p in enumerate(self._params) if id(p) not in module_params]
+        if stray:
+            raise ValueError(f"{len(stray)} trainable optimizer parameter(s) are not in the privatized "
+                             "module: their gradients would be unclipped")
+
+        self.original_optimizer = optimizer
+        self.module = pm
+        self.noise_multiplier = float(noise_multiplier)
+        self.expected_batch_size = expected_batch_size
+        self.max_grad_norm = max_grad_norm
+        self.loss_reduction = loss_reduction
+        self.sample_rate = sample_rate
+        self.generator = generator
+        self.secure_rng = secure_rng
+        self.accountant = accountant
+        # torch.optim.Optimizer bookkeeping that LR schedulers and step hooks expect
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._zero_grad_profile_name = "DPOptimizer.zero_grad"
+        self._steps = 0
+        self.last_batch_size = None
+        self._reset_batch()
+        self._hooks = [p.register_hook(self._to_sum) for p in self._params]
+
+    # --- delegate the optimizer state so schedulers and user code see the inner optimizer ---
+    @property
+    def param_groups(self):
+        return self.original_optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value):
+        self.original_optimizer.param_groups = value
+
+    @property
+    def state(self):
+        return self.original_optimizer.state
+
+    @state.setter
+    def state(self, value):
+        self.original_optimizer.state = value
+
+    @property
+    def defaults(self):
+        return self.original_optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value):
+        self.original_optimizer.defaults = value
+
+    def add_param_group(self, param_group):
+        raise NotImplementedError("add parameter groups to the inner optimizer before wrapping it")
+
+    # --- the per-backward rescale ---
+    def _reset_batch(self):
+        self.batch_size = 0  # samples in the current logical batch (sum over micro-batches)
+        self.micro_batches = 0
+        self._seen = None
+
+    def _to_sum(self, grad: torch.Tensor) -> torch.Tensor:
+        norms = self.module.per_sample_norms
+        if norms is None:
+            raise RuntimeError("a parameter got a gradient but the privatized module recorded no "
+                               "per-sample norms: was the loss computed through the privatized module?")
+        if norms is not self._seen:  # first hook of a new backward: count its samples once
+            self._seen = norms
+            self.batch_size += norms.shape[0]
+            self.micro_batches += 1
+        if self.module.loss_reduction == "mean":
+            b = norms.shape[0]
+            # the module divided by this backward's own B; undo it (an empty batch adds nothing)
+            return grad * b if b > 0 else torch.zeros_like(grad)
+        return grad
+
+    # --- the DP step ---
+    def _noise(self, p: torch.Tensor, std: float) -> torch.Tensor:
+        dtype = torch.float32 if p.dtype in _LOW_PRECISION else p.dtype
+        if self.secure_rng:
+            z = secure_normal(p.shape)
+        elif self.generator is not None:
+            z = torch.randn(p.shape, generator=self.generator, device=self.generator.device, dtype=dtype)
+        else:
+            z = torch.randn(p.shape, device=p.device, dtype=dtype)
+        return z.to(device=p.device, dtype=dtype) * std
+
+    @torch.no_grad()
+    def add_noise(self) -> None:
+        """Turns each .grad from the clipped sum into the noised update gradient (in place)."""
+        std = self.noise_multiplier * self.max_grad_norm
+        scale = 1.0 / self.expected_batch_size if self.loss_reduction == "mean" else 1.0
+        for p in self._params:
+            g = p.grad if p.grad is not None else torch.zeros_like(p)
+            if g.is_sparse:
+                raise RuntimeError("sparse gradients are not supported by DPOptimizer")
+            noised = (g.to(torch.float32) if g.dtype in _LOW_PRECISION else g) + self._noise(p, std)
+            p.grad = (noised * scale).to(p.dtype)
+
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for hook in list(self._optimizer_step_pre_hooks.values()):
+            hook(self, (), {})
+        self.add_noise()
+        self._steps += 1
+        if self.sample_rate is not None:
+            self.accountant.step(self.noise_multiplier, self.sample_rate)
+        self.last_batch_size = self.batch_size
+        self._reset_batch()
+        self.original_optimizer.step()
+        for hook in list(self._optimizer_step_post_hooks.values()):
+            hook(self, (), {})
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.original_optimizer.zero_grad(set_to_none=set_to_none)
+        self._reset_batch()
+
+    # --- accounting and checkpoints ---
+    @property
+    def steps(self) -> int:
+        """Logical steps taken (optimizer steps, not micro-batches)."""
+        return self._steps
+
+    def epsilon(self, delta: float) -> float:
+        """Privacy spent so far, (epsilon, delta)-DP, from the accountant's history."""
+        if self.sample_rate is None:
+            raise ValueError("epsilon needs the Poisson sample rate: pass sample_rate=q to "
+                             "DPOptimizer (make_private does this for you)")
+        return self.accountant.epsilon(delta)
+
+    def state_dict(self) -> dict:
+        return {
+            "optimizer": self.original_optimizer.state_dict(),
+            "accountant": self.accountant.state_dict(),
+            "noise_multiplier": self.noise_multiplier,
+            "max_grad_norm": self.max_grad_norm,
+            "expected_batch_size": self.expected_batch_size,
+            "sample_rate": self.sample_rate,
+            "steps": self._steps,
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if "accountant" not in state_dict:
+            raise ValueError("not a DPOptimizer state_dict (no accountant history); a plain "
+                             "optimizer checkpoint would restart epsilon from zero")
+        self.original_optimizer.load_state_dict(state_dict["optimizer"])
+        self.accountant.load_state_dict(state_dict["accountant"])
+        self._steps = int(state_dict["steps"])
+
+    def remove_hooks(self) -> None:
+        """Detach from the parameters (after which their grads are the module's plain output)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def __repr__(self) -> str:
+        return (f"DPOptimizer({type(self.original_optimizer).__name__}, noise_multiplier="
+                f"{self.noise_multiplier}, max_grad_norm={self.max_grad_norm}, expected_batch_size="
+                f"{self.expected_batch_size}, loss_reduction={self.loss_reduction!r}, steps={self.steps})")

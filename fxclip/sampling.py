@@ -1,0 +1,132 @@
+"""Poisson sampling: each sample joins each batch independently with probability q.
+
+This is the sampling DP-SGD's accounting assumes (PoissonSampledDpEvent). Batch sizes vary from
+batch to batch and can be zero; an empty batch is still yielded, as correctly shaped empty
+tensors, so that the training loop still takes (and the accountant still counts) the step.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import default_collate as _default_collate
+
+
+class PoissonBatchSampler(Sampler[list[int]]):
+    """Yields `num_batches` index lists; index j is in each list with probability `sample_rate`."""
+
+    def __init__(self, num_samples: int, sample_rate: float, num_batches: int | None = None,
+                 generator: torch.Generator | None = None):
+        if num_samples <= 0:
+            raise ValueError(f"need a non-empty dataset, got {num_samples} samples")
+        if not 0 < sample_rate <= 1:
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+        self.num_samples = num_samples
+        self.sample_rate = sample_rate
+        # one "epoch" = 1/q batches: each sample is seen once per epoch in expectation
+        self.num_batches = max(1, round(1 / sample_rate)) if num_batches is None else num_batches
+        self.generator = generator
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for _ in range(self.num_batches):
+            mask = torch.rand(self.num_samples, generator=self.generator) < self.sample_rate
+            yield mask.nonzero().flatten().tolist()
+
+
+class _EmptyAwareCollate:
+    """Collates as `collate_fn` does; an empty batch becomes the collated first sample cut to 0 rows."""
+
+    def __init__(self, dataset: Dataset, collate_fn):
+        self.dataset = dataset
+        self.collate_fn = collate_fn
+        self._empty = None
+
+    def __call__(self, batch):
+        if len(batch) > 0:
+            return self.collate_fn(batch)
+        if self._empty is None:
+            self._empty = _cut_to_empty(self.collate_fn([self.dataset[0]]))
+        return self._empty
+
+
+def _cut_to_empty(x):
+    if isinstance(x, torch.Tensor):
+        return x[:0]
+    if isinstance(x, dict):
+        return type(x)({k: _cut_to_empty(v) for k, v in x.items()})
+    if isinstance(x, tuple) and hasattr(x, "_fields"):  # namedtuple
+        return type(x)(*(_cut_to_empty(v) for v in x))
+    if isinstance(x, (list, tuple)):
+        return type(x)(_cut_to_empty(v) for v in x)
+    raise TypeError(f"cannot build an empty batch from a collated {type(x).__name__}; "
+                    "make collate_fn return tensors (or dicts/tuples of tensors)")
+
+
+class PoissonDataLoader(DataLoader):
+    """A DataLoader whose batches are Poisson samples of `dataset`.
+
+    `batch_size` here is the EXPECTED batch size q * len(dataset) (kept as an attribute for
+    DPOptimizer; the DataLoader machinery itself sees only the batch sampler). Seed it with
+    `generator`. Other DataLoader options (num_workers, collate_fn, pin_memory, ...) pass through.
+    """
+
+    def __init__(self, dataset: Dataset, sample_rate: float, *, num_batches: int | None = None,
+                 generator: torch.Generator | None = None, collate_fn=None, **kwargs):
+        for k in ("batch_size", "shuffle", "sampler", "batch_sampler", "drop_last"):
+            if kwargs.get(k) not in (None, False):
+                raise ValueError(f"PoissonDataLoader chooses its own batches; do not pass {k}=")
+            kwargs.pop(k, None)
+        sampler = PoissonBatchSampler(len(dataset), sample_rate, num_batches, generator)
+        collate = _EmptyAwareCollate(dataset, collate_fn or _default_collate)
+        super().__init__(dataset, batch_sampler=sampler, collate_fn=collate, **kwargs)
+        self.sample_rate = sample_rate
+        self.expected_batch_size = sample_rate * len(dataset)
+
+    @classmethod
+    def from_data_loader(cls, loader: DataLoader, *, generator: torch.Generator | None = None,
+                         num_batches: int | None = None) -> "PoissonDataLoader":
+        """Same dataset and options, q = loader.batch_size / len(dataset)."""
+        batch_size = loader.batch_size
+        if batch_size is None:  # built from a batch_sampler
+            batch_size = getattr(loader.batch_sampler, "batch_size", None)
+        if not batch_size:
+            raise ValueError("cannot infer the expected batch size: give the data loader a batch_size")
+        n = len(loader.dataset)
+        if batch_size > n:
+            raise ValueError(f"batch_size {batch_size} exceeds the dataset size {n}")
+        return cls(loader.dataset, batch_size / n, num_batches=num_batches, generator=generator,
+                   collate_fn=loader.collate_fn, num_workers=loader.num_workers,
+                   pin_memory=loader.pin_memory, timeout=loader.timeout,
+                   worker_init_fn=loader.worker_init_fn)
+
+
+def micro_batches(batch, max_size: int):
+    """Splits a (possibly nested) batch along dim 0 into chunks of at most max_size rows, for
+    gradient accumulation: backward on each chunk, then one DPOptimizer.step() for the whole
+    Poisson batch. An empty batch yields nothing (step() still adds noise)."""
+    if max_size <= 0:
+        raise ValueError(f"max_size must be positive, got {max_size}")
+    n = _rows(batch)
+    for start in range(0, n, max_size):
+        yield _slice(batch, start, start + max_size)
+
+
+def _rows(x) -> int:
+    if isinstance(x, torch.Tensor):
+        return x.shape[0]
+    items = list(x.values()) if isinstance(x, dict) else list(x)
+    return _rows(items[0])
+
+
+def _slice(x, a, b):
+    if isinstance(x, torch.Tensor):
+        return x[a:b]
+    if isinstance(x, dict):
+        return type(x)({k: _slice(v, a, b) for k, v in x.items()})
+    if isinstance(x, tuple) and hasattr(x, "_fields"):
+        return type(x)(*(_slice(v, a, b) for v in x))
+    return type(x)(_slice(v, a, b) for v in x)
