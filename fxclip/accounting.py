@@ -108,13 +108,20 @@ def noise_multiplier_for(
     floor = _SIGMA_FLOOR[mechanism]
     if epsilon_for([(floor, sample_rate, steps)], target_delta, mechanism) <= target_epsilon:
         return floor
+    bracket = dp_accounting.LowerEndpointAndGuess(floor, max(1.0, 2 * floor))
+    if mechanism == "pld":
+        # each PLD evaluation is slow: bracket with the cheap RDP answer, an upper bound on
+        # sigma since RDP's epsilon is never below PLD's
+        upper = noise_multiplier_for(target_epsilon, target_delta, sample_rate, steps, tol=tol)
+        if epsilon_for([(upper / 2, sample_rate, steps)], target_delta, "pld") > target_epsilon:
+            bracket = dp_accounting.ExplicitBracketInterval(upper / 2, upper)
     with _quiet():
         sigma = dp_accounting.calibrate_dp_mechanism(
             lambda: _fresh(mechanism),
             lambda s: dp_sgd_event(s, sample_rate, steps),
             target_epsilon,
             target_delta,
-            bracket_interval=dp_accounting.LowerEndpointAndGuess(floor, max(1.0, 2 * floor)),
+            bracket_interval=bracket,
             tol=tol,
         )
     # calibration returns a value within tol of the optimum: step up to the safe side if needed
