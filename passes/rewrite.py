@@ -14,7 +14,7 @@ from . import ops
 from ._torch import input_index, output_descriptors
 from .builder import GraphBuilder
 from .errors import PrivacyError
-from .layout import Layout, analyze, known_equal
+from .layout import Layout, analyze, known_equal, same_shape
 from .report import ParamRoute, RewriteReport, rule_counters
 from .rules import RULES, Contribution, norm_sq_of, weighted_sum
 
@@ -105,7 +105,7 @@ def _contributions(grad: fx.Node, backward: set) -> list[Contribution]:
             walk(node.args[0], [node] + path)
         elif (node.op == "call_function" and node.target == aten.add.Tensor and not node.kwargs
               and all(isinstance(a, fx.Node) and a in backward
-                      and a.meta["val"].shape == node.meta["val"].shape for a in node.args)):
+                      and same_shape(a.meta["val"].shape, node.meta["val"].shape) for a in node.args)):
             for a in node.args:
                 walk(a, [node] + path)
         else:
@@ -233,7 +233,7 @@ def rewrite_joint_graph(graph: fx.Graph) -> RewriteReport | None:
             new = builder.call(weighted_sum, ctx._per_sample[("total", param)], clip)
         old = new_outputs[grad_slots[param]]
         want = old.meta["val"]
-        if new.meta["val"].dtype != want.dtype or tuple(new.meta["val"].shape) != tuple(want.shape):
+        if new.meta["val"].dtype != want.dtype or not same_shape(new.meta["val"].shape, want.shape):
             new = builder.call(lambda t: t.to(want.dtype).reshape(want.shape), new)
         new.meta["fxclip"] = {"param": name, "role": "reweight"}
         new_outputs[grad_slots[param]] = new

@@ -114,4 +114,4 @@ class InstantiatedRoute(Route):
 
 
 # Import order is priority order.
-from . import linear, unreduce, fallback  # noqa: E402,F401
+from . import batch_of_one, linear, unreduce, fallback  # noqa: E402,F401

@@ -26,13 +26,13 @@ def _rows(x, layout: Layout, batch: int):
     return s if layout.dim == 0 else s.transpose(1, 2)
 
 
-def _gram_norm_sq(x, y, lx, ly, bref):
+def _gram_norm_sq(x, y, lx, ly, bref, one_row: bool):
     batch = bref.shape[0]
     a = _rows(x, lx, batch)
     b = _rows(y, ly, batch)
     a = a.float() if a.dtype in (torch.float16, torch.bfloat16) else a
     b = b.float() if b.dtype in (torch.float16, torch.bfloat16) else b
-    if a.shape[1] == 1:
+    if one_row:
         return a.square().sum((1, 2)) * b.square().sum((1, 2))
     ga = torch.bmm(a, a.transpose(1, 2))
     gb = torch.bmm(b, b.transpose(1, 2))
@@ -58,7 +58,9 @@ class LinearRoute(InstantiatedRoute):
         if self.strategy == "instantiate":
             return super().norm_sq(ctx)
         lx, ly = self.lx, self.ly
-        return ctx.builder.call(lambda x, y, b: _gram_norm_sq(x, y, lx, ly, b), self.x, self.y, ctx.bref)
+        one_row = known_equal(lx.inner, 1)
+        return ctx.builder.call(lambda x, y, b: _gram_norm_sq(x, y, lx, ly, b, one_row),
+                                self.x, self.y, ctx.bref)
 
     def reweighted(self, ctx, clip):
         if self.strategy == "instantiate":
