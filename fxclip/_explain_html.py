@@ -553,7 +553,7 @@ def render_html(expl, flat_view_limit: int = 1500) -> str:
 <body>
 <header>
 <h1>{_esc(title)}</h1>
-<p class="meta">batch size {_esc(rep.batch_size)} · max_grad_norm {expl.max_grad_norm:g} · loss_reduction {_esc(expl.loss_reduction)} · inputs {_esc(inputs)}</p>
+<p class="meta">batch size {_esc(rep.batch_size)} · max_grad_norm {expl.max_grad_norm} · loss_reduction {_esc(expl.loss_reduction)} · inputs {_esc(inputs)}</p>
 <section id="summary"><ul>{summary}</ul></section>
 </header>
 <main>

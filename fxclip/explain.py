@@ -487,7 +487,8 @@ class Explanation:
             f"trainable parameters: {s['trainable']} ({s['ghost']} ghost, {s['instantiate']} instantiate; "
             f"{s['fallback']} by the fallback rule)" + (f", {s['unused']} unused" if s["unused"] else ""),
             "rules: " + (", ".join(f"{k} x{v}" for k, v in s["rules"].items()) or "none"),
-            f"extra compute for norms + reweighting: {fmt_count(s['extra_flops'])}FLOP",
+            f"extra compute for norms + reweighting: {fmt_count(s['extra_flops'])} FLOP".replace(" K FLOP", " KFLOP")
+            .replace(" M FLOP", " MFLOP").replace(" G FLOP", " GFLOP"),
             f"extra memory held for norms: {fmt_bytes(s['extra_bytes'])}",
         ]
         r = s["r"]
@@ -521,7 +522,7 @@ class Explanation:
 
     def __str__(self) -> str:
         head = (f"fxclip explain: {self.model_class}, batch size {self.report.batch_size}, "
-                f"max_grad_norm={self.max_grad_norm:g}, loss_reduction={self.loss_reduction}")
+                f"max_grad_norm={self.max_grad_norm}, loss_reduction={self.loss_reduction}")
         cols = ["parameter", "module", "op", "rule", "strategy", "decided by", "+FLOPs", "+memory", "uses"]
         table = []
         for row in self.rows():
