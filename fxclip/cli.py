@@ -18,7 +18,7 @@ DTYPES = {"float32": "float32", "float64": "float64", "float16": "float16", "bfl
 
 def _parse_shape(text: str) -> tuple[int, ...]:
     try:
-        shape = tuple(int(s) for s in text.replace("x", ",").split(",") if s.strip())
+        shape = tuple(int(s) for s in text.split(",") if s.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"bad shape {text!r}: expected e.g. 8,3,32,32") from None
     if not shape or any(d <= 0 for d in shape):
@@ -104,6 +104,10 @@ def inspect_command(args) -> int:
                                   loss_reduction=args.loss_reduction)
     except PrivacyError as e:
         print(f"fxclip inspect: the model was refused: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - the model failed on the example inputs
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"fxclip inspect: running the model failed: {type(e).__name__}: {first}", file=sys.stderr)
         return 2
     if args.format == "text":
         text = str(rep) + "\n"

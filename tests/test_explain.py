@@ -21,8 +21,19 @@ REPO = Path(__file__).resolve().parents[1]
 SENTINEL = 1234.5678  # a parameter value that must never show up in any output
 
 
+class Mix(nn.Module):
+    """h @ tanh(W): a parameter no ghost rule covers (the fallback rule)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d, d) / d)
+
+    def forward(self, h):
+        return h + torch.tanh(h @ torch.tanh(self.weight))
+
+
 class Net(nn.Module):
-    """linear (ghost), unreduce (biases, LayerNorm), fallback (Bilinear), a layer used twice, a frozen weight."""
+    """linear (ghost), unreduce (biases, LayerNorm), fallback (Mix), a layer used twice, a frozen weight."""
 
     def __init__(self):
         super().__init__()
@@ -30,13 +41,13 @@ class Net(nn.Module):
         self.shared = nn.Linear(8, 8)
         self.norm = nn.LayerNorm(8)
         self.norm.weight.requires_grad_(False)
-        self.bilinear = nn.Bilinear(8, 8, 4)
-        self.head = nn.Linear(4, 3)
+        self.mix = Mix(8)
+        self.head = nn.Linear(8, 3)
 
     def forward(self, x):
         h = self.norm(self.enc(x))
         h = self.shared(torch.tanh(self.shared(h)))
-        return self.head(self.bilinear(h, torch.tanh(h)))
+        return self.head(self.mix(h))
 
 
 def make_net():
@@ -84,7 +95,7 @@ def test_every_parameter_with_the_rule_the_pass_used(net_and_rep):
     rules = {r["name"]: r["rule"] for r in rep.to_json()["parameters"]}
     assert rules["enc.0.weight"] == "linear" and rules["shared.weight"] == "linear"
     assert rules["enc.0.bias"] == "unreduce" and rules["norm.bias"] == "unreduce"
-    assert rules["bilinear.weight"] == "fallback"
+    assert rules["mix.weight"] == "fallback"
     assert rep.report.route("shared.weight").uses == 2
     assert rep.fallback_params == [n for n, r in rules.items() if r == "fallback"]
 
@@ -118,8 +129,9 @@ def test_user_state_is_untouched():
     net.enc[0].weight.grad = torch.full_like(net.enc[0].weight, 3.0)
     grad_obj = net.enc[0].weight.grad
     before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    x = inputs()
     rng = torch.get_rng_state()
-    explain(net, *inputs())
+    explain(net, *x)
     assert torch.equal(torch.get_rng_state(), rng)
     assert net.enc[0].weight.grad is grad_obj and torch.all(grad_obj == 3.0)
     for n, p in net.named_parameters():
@@ -240,32 +252,40 @@ def test_cli_json_on_a_factory_in_a_temp_module(factory_dir):
     assert doc["model"]["inputs"] == ["(4, 6) float32"]
 
 
-def test_cli_fail_on_fallback_exit_codes(factory_dir):
+def test_cli_fail_on_fallback_exit_codes(factory_dir, monkeypatch, capsys):
     res = run_cli(factory_dir, "explain_factories:bilinear", "--input-shape", "3,6", "--fail-on-fallback")
     assert res.returncode == 1, res.stderr
     assert "bl.weight" in res.stderr and "fallback" in res.stderr
     row = next(ln for ln in res.stdout.splitlines() if ln.startswith("bl.weight"))
     assert "fallback" in row and "instantiate" in row
     # without the flag the same model passes
-    res = run_cli(factory_dir, "explain_factories:bilinear", "--input-shape", "3,6", "--format", "dot")
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.startswith("digraph")
+    monkeypatch.syspath_prepend(str(factory_dir))
+    assert cli.main(["inspect", "explain_factories:bilinear", "--input-shape", "3,6", "--format", "dot"]) == 0
+    assert capsys.readouterr().out.startswith("digraph")
 
 
-def test_cli_int64_token_inputs_follow_the_report(factory_dir):
-    res = run_cli(factory_dir, "explain_factories:tokens", "--input-shape", "4,5", "--input-dtype", "int64",
-                  "--vocab-size", "30", "--format", "json", "--fail-on-fallback")
-    doc = json.loads(res.stdout)
+def test_cli_int64_token_inputs_follow_the_report(factory_dir, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(factory_dir))
+    rc = cli.main(["inspect", "explain_factories:tokens", "--input-shape", "4,5", "--input-dtype", "int64",
+                   "--vocab-size", "30", "--format", "json", "--fail-on-fallback"])
+    doc = json.loads(capsys.readouterr().out)
+    jsonschema.validate(doc, JSON_SCHEMA)
     assert doc["model"]["inputs"] == ["(4, 5) int64"]
     assert doc["parameters"][0]["name"] == "0.weight"
     # exit code 1 exactly when some row uses the fallback rule
-    assert res.returncode == (1 if any(p["fallback"] for p in doc["parameters"]) else 0), res.stderr
+    assert rc == (1 if any(p["fallback"] for p in doc["parameters"]) else 0)
 
 
-def test_cli_errors_exit_2(factory_dir):
-    assert run_cli(factory_dir, "explain_factories:not_a_model", "--input-shape", "2,6").returncode == 2
-    assert run_cli(factory_dir, "no_such_module_xyz:f", "--input-shape", "2,6").returncode == 2
-    assert run_cli(factory_dir, "explain_factories:mlp").returncode == 2  # --input-shape is required
+def test_cli_errors_exit_2(factory_dir, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(factory_dir))
+    assert cli.main(["inspect", "explain_factories:not_a_model", "--input-shape", "2,6"]) == 2
+    assert "not an nn.Module" in capsys.readouterr().err
+    assert cli.main(["inspect", "no_such_module_xyz:f", "--input-shape", "2,6"]) == 2
+    assert cli.main(["inspect", "explain_factories", "--input-shape", "2,6"]) == 2  # no :FACTORY
+    for argv in (["inspect", "explain_factories:mlp"], ["inspect", "explain_factories:mlp", "--input-shape", "2,x"]):
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        assert e.value.code == 2
 
 
 def test_cli_in_process_forced_fallback(monkeypatch, factory_dir, capsys):
