@@ -3,46 +3,51 @@ from __future__ import annotations
 
 import hashlib
 import pathlib
-import weakref
+import types
 
 from .passes import _torch, rewrite_joint_graph
 
-_owners: "weakref.WeakValueDictionary[int, object]" = weakref.WeakValueDictionary()
+# RewriteReport of the latest graph rewritten under the user's torch.compile (Inductor)
+latest_compiled_report = None
 
 
 def _pass_version() -> str:
     # Any change to the pass's source changes the cache keys of graphs it rewrote.
-    root = pathlib.Path(__file__).resolve().parent / "passes"
-    if not root.exists():
-        import fxclip.passes as p
+    import fxclip.passes as p
 
-        root = pathlib.Path(p.__file__).resolve().parent
     digest = hashlib.sha256()
-    for f in sorted(root.rglob("*.py")):
+    for f in sorted(pathlib.Path(p.__file__).resolve().parent.rglob("*.py")):
         digest.update(f.read_bytes())
     return "fxclip-" + digest.hexdigest()[:16]
 
 
-def joint_pass(graph) -> None:
+def _inductor_pass(graph) -> None:
+    global latest_compiled_report
     report = rewrite_joint_graph(graph)
     if report is not None:
-        owner = _owners.get(report.key)
-        if owner is not None:
-            owner.last_report = report
-
-
-def register(owner) -> None:
-    """Lets the pass hand the privatized module its report."""
-    _owners[owner._key] = owner
+        latest_compiled_report = report
 
 
 def install() -> None:
-    _torch.install_inductor_joint_pass(joint_pass, _pass_version())
+    _torch.install_inductor_joint_pass(_inductor_pass, _pass_version())
 
 
 def is_compiling() -> bool:
     return _torch.is_compiling()
 
 
-def compile_eager(fn, owner):
-    return _torch.compile_with_backend(fn, _torch.aot_eager_backend(joint_pass))
+def compile_eager(owner, method: str):
+    """Compile owner.<method> for the eager path, reporting the rewrite to the owner."""
+
+    def joint_pass(graph):
+        report = rewrite_joint_graph(graph)
+        if report is not None:
+            owner._eager_report = report
+
+    # Dynamo caches compiled code per code object; a private copy of the method's code gives
+    # each privatized module its own cache (and its own recompile budget).
+    fn = getattr(type(owner), method)
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{id(owner):x}")
+    bound = types.MethodType(types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__,
+                                                fn.__closure__), owner)
+    return _torch.compile_with_backend(bound, _torch.aot_eager_backend(joint_pass))

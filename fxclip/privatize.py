@@ -7,7 +7,6 @@ executes the rewritten graph without code generation. Either way, one backward.
 """
 from __future__ import annotations
 
-import itertools
 
 import torch
 from torch import nn
@@ -16,7 +15,6 @@ from torch.utils._pytree import tree_map
 from . import _compile
 from .passes import PrivacyError, ops
 
-_keys = itertools.count(1)
 LOSS_REDUCTIONS = ("mean", "sum")
 
 
@@ -28,15 +26,22 @@ class PrivatizedModule(nn.Module):
         self.module = model
         self.max_grad_norm = float(max_grad_norm)
         self.loss_reduction = loss_reduction
-        self._key = next(_keys)
+        # Identifies this module's norms in the graph without baking a constant into it, so
+        # privatized copies of one model class share compiled graphs.
+        self.register_buffer("_fxclip_token", torch.zeros(1), persistent=False)
         self._eager = None
-        self.last_report = None  # RewriteReport of the latest rewritten graph
-        _compile.register(self)
+        self._eager_report = None
+
+    @property
+    def last_report(self):
+        """RewriteReport of this module's latest eager rewrite; under torch.compile, of the
+        latest graph Inductor rewrote (compiled graphs are shared by identical models)."""
+        return self._eager_report or _compile.latest_compiled_report
 
     @property
     def per_sample_norms(self) -> torch.Tensor | None:
         """Per-sample gradient norms n_i of the latest backward (detached)."""
-        return ops.last_norms.get(self._key)
+        return ops.last_norms.get(self._fxclip_token.data_ptr())
 
     def forward(self, *args, **kwargs):
         if not self._needs_clipping():
@@ -44,7 +49,7 @@ class PrivatizedModule(nn.Module):
         if _compile.is_compiling():
             return self._marked_forward(*args, **kwargs)
         if self._eager is None:
-            self._eager = _compile.compile_eager(self._marked_forward, self)
+            self._eager = _compile.compile_eager(self, "_marked_forward")
         return self._eager(*args, **kwargs)
 
     def _needs_clipping(self) -> bool:
@@ -55,8 +60,8 @@ class PrivatizedModule(nn.Module):
         names = [n for n, p in named if p.requires_grad]
         params = [p for n, p in named if p.requires_grad]
         frozen = [n for n, p in named if not p.requires_grad]
-        spec = ("\n".join(names), "\n".join(frozen), self.max_grad_norm,
-                self.loss_reduction == "mean", self._key)
+        spec = (self._fxclip_token, "\n".join(names), "\n".join(frozen), self.max_grad_norm,
+                self.loss_reduction == "mean")
         args, kwargs = tree_map(_mark_input, (args, kwargs))
         out = self.module(*args, **kwargs)
         return tree_map(lambda y: ops.batch_output(y, params, *spec) if _is_float(y) else y, out)

@@ -10,7 +10,8 @@ import torch
 
 from .errors import PrivacyError
 
-# per-sample norms of the latest backward, by privatized-module key
+# per-sample norms of the latest backward, by the data pointer of the privatized module's token
+# (a tensor passed through the graph, so instances of one model class share compiled graphs)
 last_norms: dict[int, torch.Tensor] = {}
 
 _NOT_REWRITTEN = (
@@ -30,14 +31,15 @@ def _(x):
 
 
 @torch.library.custom_op("fxclip::batch_output", mutates_args=())
-def batch_output(y: torch.Tensor, params: list[torch.Tensor], names: str, frozen: str,
-                 max_grad_norm: float, mean: bool, key: int) -> torch.Tensor:
-    """Marks a model output. `params`: the trainable parameters, `names` theirs ("\n"-joined)."""
+def batch_output(y: torch.Tensor, params: list[torch.Tensor], token: torch.Tensor, names: str,
+                 frozen: str, max_grad_norm: float, mean: bool) -> torch.Tensor:
+    """Marks a model output. `params`: the trainable parameters, `names` theirs ("\n"-joined);
+    `token`: the privatized module's token tensor, where the norms are recorded."""
     raise PrivacyError(_NOT_REWRITTEN)
 
 
 @batch_output.register_fake
-def _(y, params, names, frozen, max_grad_norm, mean, key):
+def _(y, params, token, names, frozen, max_grad_norm, mean):
     return torch.empty_like(y)
 
 
@@ -49,17 +51,17 @@ batch_input.register_autograd(_identity_backward)
 
 
 @torch.library.custom_op("fxclip::record_norms", mutates_args=())
-def record_norms(norms: torch.Tensor, clip_factor: torch.Tensor, key: int) -> torch.Tensor:
+def record_norms(norms: torch.Tensor, clip_factor: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
     """Stores the per-sample norms for `pm.per_sample_norms`; returns the clip factor.
 
     Passing R through keeps this op on the data path, so no pass can drop it as dead code.
     """
-    last_norms[key] = norms.detach().clone()
+    last_norms[token.data_ptr()] = norms.detach().clone()
     return clip_factor.clone()
 
 
 @record_norms.register_fake
-def _(norms, clip_factor, key):
+def _(norms, clip_factor, token):
     return torch.empty_like(clip_factor)
 
 

@@ -31,7 +31,6 @@ class RewriteReport:
     graph: torch.fx.Graph  # the joint graph after the rewrite (a copy)
     # node name -> {"param": name or None, "role": "norm" | "clip" | "reweight"} for added nodes
     added: dict[str, dict] = field(default_factory=dict)
-    key: int = 0  # which privatized module the graph belongs to
     unused: list[str] = field(default_factory=list)  # trainable but unused in this forward: no grad
 
     def route(self, name: str) -> ParamRoute:

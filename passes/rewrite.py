@@ -80,15 +80,15 @@ def _markers(graph, target):
 
 
 def _read_spec(outputs) -> dict:
-    specs = {tuple(n.args[2:]) for n in outputs}
+    specs = {tuple(n.args[2:]) for n in outputs}  # (token, names, frozen, max_grad_norm, mean)
     if len(specs) != 1:
         raise PrivacyError(
             "one compiled graph holds several privatized models; compile each privatized model "
             "on its own (torch.compile(pm)) and call them separately."
         )
-    names, frozen, max_grad_norm, mean, key = specs.pop()
+    token, names, frozen, max_grad_norm, mean = specs.pop()
     return {"names": names.split("\n") if names else [], "frozen": frozen.split("\n") if frozen else [],
-            "max_grad_norm": max_grad_norm, "mean": mean, "key": key}
+            "max_grad_norm": max_grad_norm, "mean": mean, "token": token}
 
 
 def _remove(marker):
@@ -151,13 +151,13 @@ def _clean_module_path(path: str) -> str:
     return path
 
 
-def _clip_fn(max_grad_norm: float, mean: bool, key: int):
-    def clip(total_sq, bref):
+def _clip_fn(max_grad_norm: float, mean: bool):
+    def clip(total_sq, bref, token):
         norms = total_sq.sqrt()
         if mean:  # the output gradient carried 1/B: undo it to clip grad L_i itself
             norms = norms * bref.shape[0]
         factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-        return ops.record_norms(norms, factor, key)
+        return ops.record_norms(norms, factor, token)
 
     return clip
 
@@ -220,8 +220,7 @@ def rewrite_joint_graph(graph: fx.Graph) -> RewriteReport | None:
         return None  # nothing trainable reached the output
     builder.tag = {"param": None, "role": "clip"}
     total_sq = builder.call(lambda *ts: sum(ts), *norm_terms)
-    clip = builder.call(_clip_fn(spec["max_grad_norm"], spec["mean"], spec["key"]),
-                        total_sq, bref)
+    clip = builder.call(_clip_fn(spec["max_grad_norm"], spec["mean"]), total_sq, bref, spec["token"])
 
     new_outputs = list(output.args[0])
     for param, found in routes.items():
@@ -285,4 +284,4 @@ def _report(graph, spec, params, routes, B) -> RewriteReport:
     copy.output(copy.graph_copy(graph, {}))
     added = {n.name: dict(n.meta["fxclip"]) for n in graph.nodes if "fxclip" in n.meta}
     return RewriteReport(params=rows, frozen=list(spec.get("frozen", [])), batch_size=str(B),
-                         graph=copy, added=added, key=spec["key"], unused=unused)
+                         graph=copy, added=added, unused=unused)

@@ -99,23 +99,21 @@ def test_linear_strategy_follows_cost_model():
 class BilinearNet(nn.Module):
     def __init__(self):
         super().__init__()
-        self.bilinear = nn.Bilinear(4, 5, 3)
-        self.act = nn.PReLU(3)
+        self.act = nn.PReLU(4)
+        self.bilinear = nn.Bilinear(4, 4, 3)
 
     def forward(self, x):
-        return self.act(self.bilinear(x, torch.sin(x[:, :5] * 2)))
+        return self.bilinear(x, torch.sin(self.act(x) * 2))
 
 
 def test_fallback_parameters_are_exact_and_reported():
     model = BilinearNet().double()
     before = rule_counters["fallback"]
-    pm = fxclip.privatize(model, max_grad_norm=0.05)
-    x = torch.randn(6, 5, dtype=torch.float64)[:, :4].contiguous()
-    x = torch.cat([x, torch.randn(6, 1, dtype=torch.float64)], 1)
-    model.bilinear = nn.Bilinear(5, 5, 3).double()
+    pm = fxclip.privatize(model, max_grad_norm=0.05, loss_reduction="sum")
+    x = torch.randn(6, 4, dtype=torch.float64)
     report = check_step(model, pm, x, torch.randn(6, 3, dtype=torch.float64), 0.05, "sum")
     assert report.route("bilinear.weight").rule == "fallback"
-    assert report.route("act.weight").rule == "unreduce"
+    assert report.route("bilinear.bias").rule == "unreduce"
     assert rule_counters["fallback"] > before
 
 
