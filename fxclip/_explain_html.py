@@ -352,12 +352,13 @@ h2{font-size:14px;margin:8px 0 6px}
 .meta{color:#57606a;margin:0}
 #summary ul{margin:4px 0 4px 18px;padding:0}
 #summary li{margin:1px 0}
-main{display:grid;grid-template-columns:minmax(480px,44%) 1fr;height:calc(100vh - var(--head,150px))}
+main{display:grid;grid-template-columns:minmax(560px,54%) 1fr;height:calc(100vh - var(--head,150px))}
 #params{overflow:auto;padding:0 12px 12px 16px;border-right:1px solid #d0d7de}
 #graph{display:flex;flex-direction:column;min-width:0;min-height:0;padding:0 12px 8px}
 table{border-collapse:collapse;width:100%;font-size:12px}
 th,td{padding:3px 6px;border-bottom:1px solid #eaeef2;text-align:left;vertical-align:top}
 th{position:sticky;top:0;background:#f6f8fa;cursor:pointer;user-select:none}
+td.nw{white-space:nowrap}
 td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 tr.param-row{cursor:pointer}
 tr.param-row:hover{background:#fff8e6}
@@ -509,9 +510,9 @@ def render_html(expl, flat_view_limit: int = 1500) -> str:
             f'<tr class="param-row{" fallback" if r["fallback"] else ""}" data-param="{_esc(r["name"])}" '
             f'data-view="{param_view.get(r["name"], "")}">'
             f'<td><code>{_esc(r["name"])}</code></td><td>{_esc(r["module"] or "(root)")}</td>'
-            f'<td>{_esc(r["op"])}</td><td>{_esc(r["rule"])}</td>'
+            f'<td>{"<br>".join(_esc(o) for o in r["ops"])}</td><td>{_esc(r["rule"])}</td>'
             f'<td data-v="{_esc(r["strategy"])}"><span class="pill s-{strat}">{_esc(r["strategy"])}</span></td>'
-            f'<td>{_esc(shapes)}</td>'
+            f'<td class="nw">{_esc(shapes)}</td>'
             f'<td class="num" data-v="{r["extra_flops"]}">{_esc(fmt_count(r["extra_flops"]))}</td>'
             f'<td class="num" data-v="{r["extra_bytes"]}">{_esc(fmt_bytes(r["extra_bytes"]))}</td>'
             f'<td class="num" data-v="{r["uses"]}">{r["uses"]}</td></tr>')

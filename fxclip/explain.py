@@ -509,7 +509,8 @@ class Explanation:
     # ---------------------------------------------------------------- text
     def rows(self) -> list[dict]:
         out = []
-        for r in self.report.params:
+        rank = {name: i for i, name in enumerate(self.param_info)}  # model.named_parameters() order
+        for r in sorted(self.report.params, key=lambda r: rank.get(r.name, len(rank))):
             shape, numel, dtype = self.param_info.get(r.name, ((), 0, ""))
             out.append({
                 "name": r.name, "module": r.module, "op": ", ".join(r.ops), "ops": list(r.ops),

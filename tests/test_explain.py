@@ -298,3 +298,11 @@ def test_cli_in_process_forced_fallback(monkeypatch, factory_dir, capsys):
     out = capsys.readouterr()
     assert all(f"{n} " in out.out for n in ("0.weight", "0.bias", "2.weight", "2.bias"))
     assert "4 parameter(s) use the fallback rule" in out.err
+
+
+def test_docs_show_the_schema_in_force():
+    import re
+
+    doc = (REPO / "docs" / "inspect.md").read_text()
+    block = re.search(r"## JSON schema.*?```json\n(.*?)```", doc, re.S).group(1)
+    assert json.loads(block) == json.loads(json.dumps(JSON_SCHEMA))
