@@ -1,0 +1,133 @@
+"""The contract under a plain torch.compile(pm): same gradients as eager, one graph, safe caches."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+import fxclip
+from reference import per_sample_reference
+
+
+def sq_loss(out, y):
+    return (out - y).square().sum()
+
+
+class SeqModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(5, 16)
+        self.norm = nn.LayerNorm(16)
+        self.scale = nn.Parameter(torch.ones(16))
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.norm(self.inp(x))) * self.scale)
+
+
+@pytest.fixture(scope="module")
+def compiled_seq():
+    model = SeqModel().double()
+    return model, torch.compile(fxclip.privatize(model, max_grad_norm=0.5))
+
+
+def test_compiled_matches_reference_across_batch_sizes(compiled_seq):
+    import torch._dynamo.utils as dynamo_utils
+
+    model, cpm = compiled_seq
+    graphs_before = dynamo_utils.counters["stats"]["unique_graphs"]
+    for batch in (4, 7, 10, 3):  # Poisson-sampled sizes: one recompile at most (automatic dynamic)
+        model.zero_grad()
+        x = torch.randn(batch, 6, 5, dtype=torch.float64)
+        y = torch.randn(batch, 6, 3, dtype=torch.float64)
+        expected, norms = per_sample_reference(model, (x,), y, sq_loss, 0.5)
+        (cpm(x) - y).square().sum((1, 2)).mean().backward()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, expected[name], atol=1e-10, rtol=1e-7)
+        torch.testing.assert_close(cpm.per_sample_norms, norms)
+    assert dynamo_utils.counters["stats"]["unique_graphs"] - graphs_before <= 2
+    rules = {r.name: r.rule for r in cpm.last_report.params}
+    assert rules["inp.weight"] == "linear" and rules["norm.weight"] == "unreduce"
+
+
+def test_eager_and_compiled_agree(compiled_seq):
+    model, cpm = compiled_seq
+    eager = fxclip.privatize(model, max_grad_norm=0.5)
+    x = torch.randn(5, 6, 5, dtype=torch.float64) * 10
+    grads = []
+    for pm in (eager, cpm):
+        model.zero_grad()
+        pm(x).square().mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-9)
+
+
+class Breaking(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        torch._dynamo.graph_break()
+        return self.b(h)
+
+
+def test_graph_break_is_refused_not_miscomputed():
+    cpm = torch.compile(fxclip.privatize(Breaking(), max_grad_norm=1.0))
+    with pytest.raises(fxclip.PrivacyError, match="graph break"):
+        cpm(torch.randn(4, 3)).sum().backward()
+
+
+def test_eager_path_refuses_graph_break():
+    pm = fxclip.privatize(Breaking(), max_grad_norm=1.0)
+    with pytest.raises(fxclip.PrivacyError, match="one graph"):
+        pm(torch.randn(4, 3))
+
+
+def test_backend_without_the_pass_is_refused():
+    cpm = torch.compile(fxclip.privatize(nn.Linear(3, 2), max_grad_norm=1.0), backend="aot_eager")
+    with pytest.raises(fxclip.PrivacyError, match="without fxclip's graph rewrite"):
+        cpm(torch.randn(4, 3)).sum().backward()
+
+
+CACHE_SCRIPT = textwrap.dedent("""
+    import sys, torch, copy
+    from torch import nn
+    sys.path.insert(0, {tests!r})
+    import fxclip
+    from reference import per_sample_reference
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    x, y = torch.randn(6, 4) * 5, torch.randn(6, 2)
+    loss = lambda out, t: (out - t).square().sum()
+    plain_model, private_model = copy.deepcopy(model), copy.deepcopy(model)
+    order = [("private", private_model), ("plain", plain_model)]
+    if sys.argv[1] == "plain_first":
+        order.reverse()
+    for kind, m in order:
+        cm = torch.compile(fxclip.privatize(m, max_grad_norm=0.1) if kind == "private" else m)
+        (cm(x) - y).square().sum(1).mean().backward()
+    expected, _ = per_sample_reference(model, (x,), y, loss, 0.1)
+    for (n, p), q in zip(private_model.named_parameters(), plain_model.parameters()):
+        torch.testing.assert_close(p.grad, expected[n], atol=1e-5, rtol=1e-4)
+        plain = torch.func.grad(lambda ps: (torch.func.functional_call(model, ps, (x,)) - y)
+                                .square().sum(1).mean())(dict(model.named_parameters()))
+        torch.testing.assert_close(q.grad, plain[n], atol=1e-5, rtol=1e-4)
+    print("ok")
+""")
+
+
+@pytest.mark.slow
+def test_plain_and_private_copies_never_share_a_cached_graph(tmp_path):
+    script = tmp_path / "cache_check.py"
+    script.write_text(CACHE_SCRIPT.format(tests=os.path.dirname(__file__)))
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor-cache"))
+    for order in ("private_first", "plain_first"):  # the second process starts with a warm cache
+        done = subprocess.run([sys.executable, str(script), order], env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
