@@ -498,7 +498,7 @@ JS = r"""
 
 
 def render_html(expl, flat_view_limit: int = 1500) -> str:
-    from .explain import csp_hash, fmt_bytes, fmt_count
+    from .inspect_report import csp_hash, fmt_bytes, fmt_count
 
     svgs, param_view, has_flat = render_views(expl, flat_view_limit)
     rep = expl.report

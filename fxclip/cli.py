@@ -87,7 +87,7 @@ def make_inputs(shapes, dtypes, high: int, seed: int):
 def inspect_command(args) -> int:
     from torch import nn
 
-    from . import explain as explain_mod
+    from . import inspect_report as explain_mod
     from .passes import PrivacyError
 
     try:

@@ -627,5 +627,8 @@ def _dot_str(s: str) -> str:
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
+explain.JSON_SCHEMA = JSON_SCHEMA  # fxclip.explain.JSON_SCHEMA, once fxclip exports explain()
+
+
 def csp_hash(text: str) -> str:
     return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"

@@ -14,7 +14,7 @@ from torch import nn
 
 import fxclip
 from fxclip import cli
-from fxclip.explain import JSON_SCHEMA, Explanation, explain
+from fxclip.inspect_report import JSON_SCHEMA, Explanation, explain
 from fxclip.passes import rule_counters
 
 REPO = Path(__file__).resolve().parents[1]

@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from fxclip.explain import explain
+from fxclip.inspect_report import explain
 
 CHROMIUM = next((shutil.which(b) for b in ("chromium", "chromium-browser") if shutil.which(b)), None)
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
