@@ -21,11 +21,13 @@ LOSS_REDUCTIONS = ("mean", "sum")
 class PrivatizedModule(nn.Module):
     """`model` with per-sample clipped gradients; shares the model's parameters and buffers."""
 
-    def __init__(self, model: nn.Module, max_grad_norm: float, loss_reduction: str):
+    def __init__(self, model: nn.Module, max_grad_norm: float, loss_reduction: str, clipping="flat"):
         super().__init__()
         self.module = model
         self.max_grad_norm = float(max_grad_norm)
         self.loss_reduction = loss_reduction
+        self.clipping = clipping
+        self._group_of = _clipping_groups(model, clipping)
         # Identifies this module's norms in the graph without baking a constant into it, so
         # privatized copies of one model class share compiled graphs.
         self.register_buffer("_fxclip_token", torch.zeros(1), persistent=False)
@@ -60,11 +62,46 @@ class PrivatizedModule(nn.Module):
         names = [n for n, p in named if p.requires_grad]
         params = [p for n, p in named if p.requires_grad]
         frozen = [n for n, p in named if not p.requires_grad]
-        spec = (self._fxclip_token, "\n".join(names), "\n".join(frozen), self.max_grad_norm,
+        groups, thresholds = self._group_spec(names)
+        spec = (self._fxclip_token, "\n".join(names), "\n".join(frozen), groups, thresholds,
                 self.loss_reduction == "mean")
         args, kwargs = tree_map(_mark_input, (args, kwargs))
         out = self.module(*args, **kwargs)
         return tree_map(lambda y: ops.batch_output(y, params, *spec) if _is_float(y) else y, out)
+
+
+    def _group_spec(self, names):
+        """Group index of each trainable parameter and each group's threshold C_g, as strings.
+
+        C_g = C / sqrt(G) over the G groups holding trainable parameters, so that
+        sqrt(sum_g C_g^2) = C: the whole gradient of a sample still has norm at most C.
+        """
+        index: dict = {}
+        for n in names:
+            index.setdefault(self._group_of[n], len(index))
+        threshold = self.max_grad_norm / max(len(index), 1) ** 0.5
+        groups = ",".join(str(index[self._group_of[n]]) for n in names)
+        return groups, ",".join([repr(threshold)] * len(index))
+
+
+def _clipping_groups(model: nn.Module, clipping) -> dict:
+    """Parameter name -> clipping-group label."""
+    names = [n for n, _ in model.named_parameters()]
+    if clipping == "flat":
+        return {n: "all" for n in names}
+    if clipping == "per_layer":
+        return {n: n.rpartition(".")[0] for n in names}
+    if isinstance(clipping, (list, tuple)) and all(isinstance(g, (list, tuple)) for g in clipping):
+        group_of = {n: i for i, group in enumerate(clipping) for n in group}
+        unknown = sorted(set(group_of) - set(names))
+        missing = [n for n in names if n not in group_of]
+        if unknown or missing:
+            raise ValueError(
+                f"clipping groups must name every parameter exactly once (model.named_parameters()); "
+                f"unknown: {unknown}, missing: {missing}")
+        return group_of
+    raise ValueError(f"clipping must be 'flat', 'per_layer' or a list of lists of parameter names, "
+                     f"got {clipping!r}")
 
 
 def _is_float(x) -> bool:
@@ -75,12 +112,15 @@ def _mark_input(x):
     return ops.batch_input(x) if isinstance(x, torch.Tensor) else x
 
 
-def privatize(model: nn.Module, *, max_grad_norm: float, loss_reduction: str = "mean") -> PrivatizedModule:
+def privatize(model: nn.Module, *, max_grad_norm: float, loss_reduction: str = "mean",
+              clipping="flat") -> PrivatizedModule:
     """Return a module whose backward adds `sum_i R_i grad_i` to each trainable parameter's
     .grad (divided by B for loss_reduction="mean"), R_i = min(1, C / (||grad_i|| + 1e-6)).
 
     Use it eagerly or under torch.compile (default Inductor backend); batch dimension 0 on
-    every input and output.
+    every input and output. clipping="flat" clips the norm over all parameters; "per_layer"
+    (one group per module) or a list of lists of parameter names clips each group g on its
+    own to C_g = C / sqrt(number of groups).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"privatize expects an nn.Module, got {type(model).__name__}")
@@ -91,4 +131,4 @@ def privatize(model: nn.Module, *, max_grad_norm: float, loss_reduction: str = "
     if loss_reduction not in LOSS_REDUCTIONS:
         raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
     _compile.install()
-    return PrivatizedModule(model, max_grad_norm, loss_reduction)
+    return PrivatizedModule(model, max_grad_norm, loss_reduction, clipping)

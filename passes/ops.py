@@ -32,14 +32,15 @@ def _(x):
 
 @torch.library.custom_op("fxclip::batch_output", mutates_args=())
 def batch_output(y: torch.Tensor, params: list[torch.Tensor], token: torch.Tensor, names: str,
-                 frozen: str, max_grad_norm: float, mean: bool) -> torch.Tensor:
+                 frozen: str, groups: str, thresholds: str, mean: bool) -> torch.Tensor:
     """Marks a model output. `params`: the trainable parameters, `names` theirs ("\n"-joined);
-    `token`: the privatized module's token tensor, where the norms are recorded."""
+    `token`: the privatized module's token tensor, where the norms are recorded; `groups`: each
+    parameter's clipping group index, `thresholds`: each group's C_g (comma-separated)."""
     raise PrivacyError(_NOT_REWRITTEN)
 
 
 @batch_output.register_fake
-def _(y, params, token, names, frozen, max_grad_norm, mean):
+def _(y, params, token, names, frozen, groups, thresholds, mean):
     return torch.empty_like(y)
 
 
@@ -86,7 +87,7 @@ def _output_setup(ctx, inputs, output):
 
 
 def _output_backward_marked(ctx, grad):
-    return (output_grad(grad), [None] * ctx.n_params) + (None,) * 5
+    return (output_grad(grad), [None] * ctx.n_params) + (None,) * 6
 
 
 batch_output.register_autograd(_output_backward_marked, setup_context=_output_setup)

@@ -80,15 +80,17 @@ def _markers(graph, target):
 
 
 def _read_spec(outputs) -> dict:
-    specs = {tuple(n.args[2:]) for n in outputs}  # (token, names, frozen, max_grad_norm, mean)
+    specs = {tuple(n.args[2:]) for n in outputs}  # see ops.batch_output
     if len(specs) != 1:
         raise PrivacyError(
             "one compiled graph holds several privatized models; compile each privatized model "
             "on its own (torch.compile(pm)) and call them separately."
         )
-    token, names, frozen, max_grad_norm, mean = specs.pop()
+    token, names, frozen, groups, thresholds, mean = specs.pop()
     return {"names": names.split("\n") if names else [], "frozen": frozen.split("\n") if frozen else [],
-            "max_grad_norm": max_grad_norm, "mean": mean, "token": token}
+            "groups": [int(g) for g in groups.split(",")] if groups else [],
+            "thresholds": [float(c) for c in thresholds.split(",")] if thresholds else [],
+            "mean": mean, "token": token}
 
 
 def _remove(marker):
@@ -151,15 +153,21 @@ def _clean_module_path(path: str) -> str:
     return path
 
 
-def _clip_fn(max_grad_norm: float, mean: bool):
-    def clip(total_sq, bref, token):
-        norms = total_sq.sqrt()
+def _clip_fn(thresholds: list, mean: bool):
+    """(per-group squared norms) -> (G, B) clip factors R_g = min(1, C_g / (n_g + 1e-6))."""
+
+    def clip(bref, token, *group_sq):
+        norms = torch.stack(group_sq).sqrt()
         if mean:  # the output gradient carried 1/B: undo it to clip grad L_i itself
             norms = norms * bref.shape[0]
-        factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-        return ops.record_norms(norms, factor, token)
+        factor = torch.stack([(c / (n + 1e-6)).clamp(max=1.0) for c, n in zip(thresholds, norms)])
+        return ops.record_norms(norms.square().sum(0).sqrt(), factor, token)
 
     return clip
+
+
+def _row(i: int):
+    return lambda t: t[i]
 
 
 def rewrite_joint_graph(graph: fx.Graph) -> RewriteReport | None:
@@ -198,8 +206,9 @@ def rewrite_joint_graph(graph: fx.Graph) -> RewriteReport | None:
                 "every output of a privatized model must have the batch in dim 0."
             )
 
+    group_of = dict(zip(params, spec["groups"]))
     routes: dict[fx.Node, list] = {}
-    norm_terms = []
+    norm_terms: dict[int, list] = {}  # clipping group -> per-parameter squared norms
     for param, name in params.items():
         if param not in grad_slots:
             continue  # unused in this forward: it gets no gradient at all
@@ -210,21 +219,26 @@ def rewrite_joint_graph(graph: fx.Graph) -> RewriteReport | None:
         routes[param] = found
         builder.tag = {"param": name, "role": "norm"}
         if len(found) == 1:
-            norm_terms.append(found[0].norm_sq(ctx))
+            term = found[0].norm_sq(ctx)
         else:  # a shared parameter: the norm of its TOTAL per-sample gradient
             total = builder.call(lambda *ps: sum(ps), *[ctx.per_sample(r) for r in found])
             ctx._per_sample[("total", param)] = total
-            norm_terms.append(builder.call(norm_sq_of, total))
+            term = builder.call(norm_sq_of, total)
+        norm_terms.setdefault(group_of[param], []).append(term)
 
     if not routes:
         return None  # nothing trainable reached the output
     builder.tag = {"param": None, "role": "clip"}
-    total_sq = builder.call(lambda *ts: sum(ts), *norm_terms)
-    clip = builder.call(_clip_fn(spec["max_grad_norm"], spec["mean"]), total_sq, bref, spec["token"])
+    groups = sorted(norm_terms)
+    group_sq = [builder.call(lambda *ts: sum(ts), *norm_terms[g]) for g in groups]
+    thresholds = [spec["thresholds"][g] for g in groups]
+    factors = builder.call(_clip_fn(thresholds, spec["mean"]), bref, spec["token"], *group_sq)
+    clip_of = {g: builder.call(_row(i), factors) for i, g in enumerate(groups)}
 
     new_outputs = list(output.args[0])
     for param, found in routes.items():
         name = params[param]
+        clip = clip_of[group_of[param]]
         builder.tag = {"param": name, "role": "reweight"}
         if len(found) == 1:
             new = found[0].reweighted(ctx, clip)
@@ -282,6 +296,7 @@ def _report(graph, spec, params, routes, B) -> RewriteReport:
     unused = [params[p] for p in params if p not in routes]
     copy = fx.Graph()
     copy.output(copy.graph_copy(graph, {}))
+    copy.output_node().meta["desc"] = graph.output_node().meta.get("desc")
     added = {n.name: dict(n.meta["fxclip"]) for n in graph.nodes if "fxclip" in n.meta}
     return RewriteReport(params=rows, frozen=list(spec.get("frozen", [])), batch_size=str(B),
                          graph=copy, added=added, unused=unused)

@@ -156,3 +156,28 @@ def test_no_grad_forward_is_plain():
     x = torch.randn(4, 3)
     with torch.no_grad():
         torch.testing.assert_close(pm(x), model(x))
+
+
+@pytest.mark.parametrize("clipping", ["per_layer", [["0.weight", "2.bias"], ["0.bias", "2.weight"]]])
+def test_group_wise_clipping_clips_each_group(clipping):
+    from reference import per_sample_grads
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x, y = torch.randn(6, 3, dtype=torch.float64) * 3, torch.randn(6, 2, dtype=torch.float64)
+    pm = fxclip.privatize(model, max_grad_norm=0.4, loss_reduction="sum", clipping=clipping)
+    batch_loss(pm(x), y, "sum").backward()
+    grads = per_sample_grads(model, (x,), y, sq_loss)
+    groups = ([["0.weight", "0.bias"], ["2.weight", "2.bias"]] if clipping == "per_layer" else clipping)
+    limit = 0.4 / len(groups) ** 0.5  # sqrt(sum_g C_g^2) = C
+    for group in groups:
+        norms = torch.sqrt(sum(grads[n].reshape(6, -1).square().sum(1) for n in group))
+        factor = (limit / (norms + 1e-6)).clamp(max=1.0)
+        for n in group:
+            expected = torch.einsum("b,b...->...", factor, grads[n])
+            torch.testing.assert_close(dict(model.named_parameters())[n].grad, expected)
+        assert (factor < 1).any()  # the test exercises clipping
+
+
+def test_clipping_groups_must_cover_every_parameter():
+    with pytest.raises(ValueError, match="missing"):
+        fxclip.privatize(nn.Linear(2, 2), max_grad_norm=1.0, clipping=[["weight"]])
