@@ -6,6 +6,8 @@ import textwrap
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import fxclip
@@ -51,6 +53,20 @@ def test_compiled_matches_reference_across_batch_sizes(compiled_seq):
     assert dynamo_utils.counters["stats"]["unique_graphs"] - graphs_before <= 2
     rules = {r.name: r.rule for r in cpm.last_report.params}
     assert rules["inp.weight"] == "linear" and rules["norm.weight"] == "unreduce"
+
+
+@settings(max_examples=6, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(batch=st.integers(2, 9), seq=st.sampled_from([1, 4]), scale=st.sampled_from([1e-3, 1.0, 1e3]))
+def test_compiled_property_batch_and_clip_regimes(compiled_seq, batch, seq, scale):
+    model, cpm = compiled_seq
+    model.zero_grad()
+    x = torch.randn(batch, seq, 5, dtype=torch.float64) * scale
+    y = torch.randn(batch, seq, 3, dtype=torch.float64)
+    expected, norms = per_sample_reference(model, (x,), y, sq_loss, 0.5)
+    (cpm(x) - y).square().sum((1, 2)).mean().backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], atol=1e-10, rtol=1e-7)
+    torch.testing.assert_close(cpm.per_sample_norms, norms)
 
 
 def test_eager_and_compiled_agree(compiled_seq):
