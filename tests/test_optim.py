@@ -193,3 +193,25 @@ def test_bad_input_is_refused():
         DPOptimizer(stray, pm, **ok)
     with pytest.raises(ValueError, match="sample_rate"):
         DPOptimizer(sgd, pm, **ok).epsilon(1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_module_gives_the_eager_update():
+    # Under torch.compile the clipped gradients come out of Inductor's backward: the per-backward
+    # rescale must still see that backward's batch size (micro-batches of 8 and 5, "mean").
+    x, y = torch.randn(13, 6), torch.randint(0, 3, (13,))
+    results = []
+    for compiled in (False, True):
+        model = _mlp()
+        pm = fxclip.privatize(model, max_grad_norm=0.5)
+        run = torch.compile(pm) if compiled else pm
+        opt = DPOptimizer(torch.optim.SGD(model.parameters(), lr=LR), run, noise_multiplier=0.0,
+                          expected_batch_size=10)
+        opt.zero_grad()
+        for xb, yb in zip(x.split([8, 5]), y.split([8, 5])):
+            F.cross_entropy(run(xb), yb).backward()
+        assert opt.batch_size == 13 and opt.micro_batches == 2
+        opt.step()
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
