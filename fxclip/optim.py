@@ -67,6 +67,9 @@ class DPOptimizer(torch.optim.Optimizer):
 
     Gradient accumulation: call backward on several micro-batches, then step() once. The noise
     is added once and the accountant counts one step per step() call (a logical batch).
+    Keep one forward per backward: the rescale reads each backward's batch size from
+    pm.per_sample_norms, so summing the losses of two forwards into one backward is refused
+    neither here nor by torch, but would be mis-scaled for "mean".
     A step() with no backward since zero_grad() (an empty Poisson batch) still adds noise and
     is counted: skipping it would leak that the batch was empty.
 
