@@ -1,7 +1,14 @@
 """fxclip: DP-SGD per-sample clipping as a torch.compile graph pass."""
+from . import accounting
+from .accounting import Accountant, noise_multiplier_for
+from .inspect_report import Explanation, explain
+from .make_private import make_private
+from .optim import DPOptimizer
 from .passes import PrivacyError
 from .privatize import PrivatizedModule, privatize
-from .inspect_report import Explanation, explain
+from .sampling import PoissonDataLoader, micro_batches
 
-__all__ = ["PrivacyError", "PrivatizedModule", "privatize", "explain", "Explanation"]
+__all__ = ["PrivacyError", "PrivatizedModule", "privatize", "explain", "Explanation", "make_private",
+           "DPOptimizer", "Accountant", "noise_multiplier_for", "accounting", "PoissonDataLoader",
+           "micro_batches"]
 __version__ = "0.1.0"

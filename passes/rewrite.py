@@ -206,6 +206,11 @@ def rewrite_joint_graph(graph: fx.Graph) -> RewriteReport | None:
                 "every output of a privatized model must have the batch in dim 0."
             )
 
+    if isinstance(B, int) and B == 0:
+        _empty_batch(graph, builder, params, grad_slots, bref, spec["token"])
+        check_coverage(graph, params, set(batch_nodes))
+        return None
+
     group_of = dict(zip(params, spec["groups"]))
     routes: dict[fx.Node, list] = {}
     norm_terms: dict[int, list] = {}  # clipping group -> per-parameter squared norms
@@ -255,6 +260,27 @@ def rewrite_joint_graph(graph: fx.Graph) -> RewriteReport | None:
     check_coverage(graph, params, set(batch_nodes))
     graph.lint()
     return _report(graph, spec, params, routes, B)
+
+
+def _empty_batch(graph, builder, params, grad_slots, bref, token) -> None:
+    """No samples: every gradient is exactly zero, and there are no norms to record."""
+    output = graph.output_node()
+    new_outputs = list(output.args[0])
+
+    def zero_norms(b, t):
+        empty = b.new_zeros((0,), dtype=torch.float32)
+        return ops.record_norms(empty, empty, t)
+
+    builder.tag = {"param": None, "role": "clip"}
+    recorded = builder.call(zero_norms, bref, token)
+    for param, pos in grad_slots.items():
+        if param in params:
+            builder.tag = {"param": params[param], "role": "reweight"}
+            new = builder.call(lambda g, r: torch.zeros_like(g) + r.sum().to(g.dtype), new_outputs[pos], recorded)
+            new.meta["fxclip"] = dict(builder.tag)
+            new_outputs[pos] = new
+    output.args = (tuple(new_outputs),) + tuple(output.args[1:])
+    graph.eliminate_dead_code()
 
 
 def check_coverage(graph: fx.Graph, params: dict, batch_inputs: set) -> None:

@@ -105,9 +105,6 @@ def test_step_without_samples_still_adds_noise_and_counts():
     assert opt.steps == 1 and opt.last_batch_size == 0 and opt.epsilon(1e-5) > 0
 
 
-# Core bug, not DPOptimizer's: passes/rules/__init__.py split_batch divides by B (ZeroDivisionError
-# at B=0). strict: once the core handles B=0 this XPASSes and fails, so drop the mark then.
-@pytest.mark.xfail(strict=True, reason="core: privatized backward fails for an empty batch (B=0)")
 def test_empty_batch_through_privatized_module():
     model, pm, opt = _zero_grad_setup("mean", generator=torch.Generator().manual_seed(0))
     _noise_updates(model, pm, opt, steps=1, batch=4)
