@@ -1,8 +1,13 @@
 import os
+import tempfile
 
-import pytest
-import torch
-from hypothesis import HealthCheck, settings
+# A fresh Inductor cache per test session: a warm cache would skip the joint-graph pass on
+# cache hits, and the tests check what the pass does, not what an earlier run left on disk.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="fxclip-test-inductor-"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile("ci", max_examples=12, deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow])
