@@ -231,8 +231,9 @@ def rewrite_joint_graph(graph: fx.Graph) -> RewriteReport | None:
             term = builder.call(norm_sq_of, total)
         norm_terms.setdefault(group_of[param], []).append(term)
 
-    if not routes:
-        return None  # nothing trainable reached the output
+    if not routes:  # no trainable parameter reached the output
+        check_coverage(graph, params, set(batch_nodes))
+        return None
     builder.tag = {"param": None, "role": "clip"}
     groups = sorted(norm_terms)
     group_sq = [builder.call(lambda *ts: sum(ts), *norm_terms[g]) for g in groups]
