@@ -1,0 +1,273 @@
+"""RESULTS.md tables and PNG plots from bench/results/*.json (written by ``python -m bench``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .configs import BASELINE, CONFIGS
+from .models import MODELS
+
+ORDER = list(CONFIGS)
+STYLE = {  # colour, marker, linestyle
+    "plain_eager": ("#888888", "o", "--"),
+    "plain_compiled": ("#000000", "o", "-"),
+    "fxclip_eager": ("#1f77b4", "s", "--"),
+    "fxclip_compiled": ("#1f77b4", "s", "-"),
+    "opacus_ghost": ("#d62728", "^", "-"),
+    "opacus_hooks": ("#ff7f0e", "v", "-"),
+    "functorch": ("#2ca02c", "D", "-"),
+}
+
+
+def _load(out_dir: Path, tag: str = ""):
+    res = {}
+    for m in MODELS:
+        p = out_dir / f"{m}{('-' + tag) if tag else ''}.json"
+        if p.exists():
+            res[m] = json.loads(p.read_text())
+    return res
+
+
+def _bss(r):
+    keys = set(r.get("time", {})) | set(r.get("mem", {}))
+    return sorted(keys, key=int)
+
+
+def _cell(d, key, fmt):
+    if not d or key not in d or d[key] is None:
+        return "—"
+    return fmt.format(d[key])
+
+
+def _short(err: str, n=110):
+    err = err.replace("|", "\\|")
+    return err if len(err) <= n else err[:n] + "…"
+
+
+def _errors_for(r, bs, c):
+    t = r.get("time", {}).get(bs, {}).get(c, {})
+    m = r.get("mem", {}).get(bs, {}).get(c, {})
+    return t.get("error") or m.get("error")
+
+
+def model_table(r) -> list[str]:
+    lines = [
+        "| B | configuration | step ms (median) | ratio to plain compiled | peak RSS growth MB (steady) "
+        "| peak RSS growth MB (incl. compile) | peak RSS MB | first step s (compile) |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    notes = []
+    for bs in _bss(r):
+        for c in ORDER:
+            t = r.get("time", {}).get(bs, {}).get(c)
+            m = r.get("mem", {}).get(bs, {}).get(c)
+            if t is None and m is None:
+                continue
+            err = _errors_for(r, bs, c)
+            if err and not (t and "median_ms" in t):
+                notes.append((bs, c, err))
+                lines.append(f"| {bs} | {CONFIGS[c].label} | error [{len(notes)}] | | | | | |")
+                continue
+            ratio = _cell(t, "ratio", "{:.2f}x")
+            if c == BASELINE and t and "ratio" in t:
+                ratio = "1.00 (baseline)"
+            lines.append(
+                f"| {bs} | {CONFIGS[c].label} | {_cell(t, 'median_ms', '{:.1f}')} | {ratio} | "
+                f"{_cell(m, 'steady_peak_growth_mb', '{:.0f}')} | {_cell(m, 'peak_growth_mb', '{:.0f}')} | "
+                f"{_cell(m, 'peak_rss_mb', '{:.0f}')} | {_cell(m, 'compile_s', '{:.2f}')} |"
+            )
+    out = lines
+    if notes:
+        out.append("")
+        seen = {}
+        for i, (bs, c, err) in enumerate(notes, 1):
+            seen.setdefault((c, err), []).append((i, bs))
+        for (c, err), occ in seen.items():
+            refs = ", ".join(f"[{i}]" for i, _ in occ)
+            b = ", ".join(str(bs) for _, bs in occ)
+            out.append(f"- {refs} {CONFIGS[c].label}, B={b}: `{_short(err, 300)}`")
+    return out
+
+
+def check_table(r) -> list[str]:
+    ch = r.get("check")
+    if not ch:
+        return []
+    if "configs" not in ch:
+        return [f"Gradient check failed to run: `{_short(ch.get('error', '?'), 300)}`", ""]
+    lines = [
+        f"Gradient check (B={ch['batch_size']}, one batch, vs float64 torch.func; "
+        f"{100 * ch['fraction_clipped']:.0f}% of samples clipped; tolerance {ch['tol']:g}):",
+        "",
+        "| configuration | compared with | rel. error of grads | rel. error of norms | ok |",
+        "|---|---|---:|---:|---|",
+    ]
+    for c in ORDER:
+        d = ch["configs"].get(c)
+        if d is None:
+            continue
+        if "error" in d:
+            lines.append(f"| {CONFIGS[c].label} | | `{_short(d['error'], 90)}` | | {'skipped' if d.get('skipped') else 'ERROR'} |")
+            continue
+        lines.append(f"| {CONFIGS[c].label} | {d['against']} | {d['rel_err']:.1e} | "
+                     f"{_cell(d, 'norms_rel_err', '{:.1e}')} | {'yes' if d['ok'] else '**NO**'} |")
+    return lines + [""]
+
+
+def summary(res) -> list[str]:
+    lines = [
+        "| model | B | fxclip compiled / plain compiled (time) | fxclip compiled / plain compiled (steady peak RSS growth) "
+        "| Opacus ghost / fxclip compiled (time) | fxclip eager / plain eager (time) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for m, r in res.items():
+        for bs in _bss(r):
+            t = r.get("time", {}).get(bs, {})
+            mm = r.get("mem", {}).get(bs, {})
+
+            def ms(c):
+                return t.get(c, {}).get("median_ms")
+
+            def mem(c):
+                return mm.get(c, {}).get("steady_peak_growth_mb")
+
+            def ratio(a, b, err_of=None):
+                if a is not None and b:
+                    return f"{a / b:.2f}x"
+                if err_of and _errors_for(r, bs, err_of):
+                    return "error"
+                return "—"
+
+            lines.append(
+                f"| {m} | {bs} | {ratio(ms('fxclip_compiled'), ms('plain_compiled'), 'fxclip_compiled')} | "
+                f"{ratio(mem('fxclip_compiled'), mem('plain_compiled'), 'fxclip_compiled')} | "
+                f"{ratio(ms('opacus_ghost'), ms('fxclip_compiled'), 'opacus_ghost')} | "
+                f"{ratio(ms('fxclip_eager'), ms('plain_eager'), 'fxclip_eager')} |"
+            )
+    return lines
+
+
+def plot(r, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bss = _bss(r)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    panels = [
+        ("time", "median_ms", "step time (ms, log)", True),
+        ("mem", "steady_peak_growth_mb", "peak RSS growth, steady steps (MB, log)", True),
+        ("mem", "compile_s", "first step incl. compile (s)", False),
+    ]
+    failed = set()
+    for ax, (section, key, title, logy) in zip(axes, panels):
+        for c in ORDER:
+            xs, ys = [], []
+            for bs in bss:
+                d = r.get(section, {}).get(bs, {}).get(c, {})
+                if d.get(key) is not None:
+                    xs.append(int(bs))
+                    ys.append(d[key])
+                elif d.get("error"):
+                    failed.add(c)
+            if xs:
+                col, mk, ls = STYLE[c]
+                face = "none" if ls == "--" else col  # eager variants: hollow markers, dashed
+                ax.plot(xs, ys, color=col, marker=mk, linestyle=ls, markerfacecolor=face,
+                        label=CONFIGS[c].label)
+        ax.set_title(title)
+        ax.set_xlabel("batch size")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([int(b) for b in bss], [str(b) for b in bss])
+        if logy:
+            ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    for ax in axes[1:]:
+        for h, l in zip(*ax.get_legend_handles_labels()):
+            if l not in labels:
+                handles.append(h)
+                labels.append(l)
+    no_result = [CONFIGS[c].label for c in ORDER if c in failed and CONFIGS[c].label not in labels]
+    title = f"{r['model']}: {r.get('description', '')}"
+    if no_result:
+        title += f"\n(no result, see RESULTS.md: {', '.join(no_result)})"
+    fig.suptitle(title, fontsize=9)
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9)
+    fig.tight_layout(rect=(0, 0.08, 1, 0.95))
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+HEADER = """# fxclip benchmarks
+
+Generated by `python -m bench` (`bench/__main__.py`); raw numbers in `bench/results/<model>.json`,
+plots in `bench/results/<model>.png`. Do not edit by hand: rerun the command.
+
+Reproduce: `pip install -e .[bench]` then `python -m bench --check` (full sweep, ~{minutes} min on the
+machine below), or `python -m bench --quick` (one batch size per model).
+
+**What every configuration computes**: for the loss `sum_i L_i` (`L_i` = cross-entropy of sample i;
+mean token cross-entropy of sequence i for the language models), the private configurations leave
+`sum_i R_i grad L_i` in `.grad`, `R_i = min(1, 1.0 / (||grad L_i|| + 1e-6))` (flat clipping over all
+parameters, C = 1.0, no noise, no optimizer step); the plain ones leave the unclipped `sum_i grad L_i`.
+
+| configuration | what runs |
+|---|---|
+{config_rows}
+
+**How it is measured** ({machine}; torch {torch}, opacus {opacus}; `torch.set_num_threads({threads})`):
+- *step ms*: all configurations of a model in ONE process; after the first step (compilation) and
+  {warmup} warm-up steps, {rounds} interleaved rounds (order rotated each round; each round repeats a
+  configuration's step up to ~{target_s} s); median over all timed steps. *ratio* = median / median of
+  plain compiled at the same batch size.
+- *memory*: each configuration in its OWN process. *peak RSS growth (steady)*: highest RSS during
+  {mem_steps} steps after two warm-up steps (peak counter reset through `/proc/self/clear_refs`) minus
+  the RSS before the first step — the memory a training step needs (gradients, activations,
+  per-sample tensors, compiled code). *incl. compile*: `ru_maxrss` over the whole process minus the RSS
+  before the first step (includes Dynamo/Inductor compilation). *peak RSS*: absolute `ru_maxrss`.
+- *first step s*: time of the first forward+backward in that fresh process, with an empty Inductor
+  cache: cold compilation for the compiled configurations (`TORCHINDUCTOR_COMPILE_THREADS=1`).
+- Per-sample-instantiating configurations (Opacus hooks, torch.func) are skipped when B x |params|
+  x 4 bytes exceeds {max_inst_gb} GB (`--max-inst-gb`).
+- Opacus runs with `strict=False` (no buffer validation) and an optimizer stand-in that only
+  implements `zero_grad()` for `DPTensorFastGradientClipping.backward` (no noise step is timed for
+  anyone). The custom GPT builds position ids with `.repeat(B, 1)` (contiguous): Opacus' ghost
+  embedding rule calls `.view(-1, 1)` on ids and fails on an `.expand()`ed tensor.
+"""
+
+
+def write_all(out_dir: Path, md_path: Path, tag: str = ""):
+    res = _load(out_dir, tag)
+    if not res:
+        md_path.write_text("# fxclip benchmarks\n\nNo results yet: run `python -m bench`.\n")
+        return
+    any_r = next(iter(res.values()))
+    s = any_r.get("settings", {})
+    ver = any_r.get("versions", {})
+    mach = any_r.get("machine", {})
+    config_rows = "\n".join(f"| {c.label} | {c.doc} |" for c in CONFIGS.values())
+    parts = [HEADER.format(
+        minutes=20, config_rows=config_rows,
+        machine=f"{mach.get('cpu_count', '?')} CPU cores, {mach.get('platform', '?')}",
+        torch=ver.get("torch", "?"), opacus=ver.get("opacus", "?"), threads=mach.get("threads", 2),
+        warmup=s.get("warmup", 2), rounds=s.get("rounds", 7), target_s=s.get("target_s", 0.25),
+        mem_steps=s.get("mem_steps", 3), max_inst_gb=s.get("max_inst_gb", 10),
+    )]
+    parts += ["## Summary", "", "Goals (issue 7): fxclip compiled <= 1.15x plain compiled in time and "
+              "peak memory; >= 2x faster than Opacus ghost.", ""] + summary(res) + [""]
+    for m, r in res.items():
+        png = out_dir / f"{m}{('-' + tag) if tag else ''}.png"
+        try:
+            plot(r, png)
+        except Exception as e:  # a plot must not lose the tables
+            print(f"plot {m} failed: {e}")
+        rel = png.relative_to(md_path.parent) if png.is_relative_to(md_path.parent) else png
+        parts += [f"## {m}", "", f"{r.get('description', '')}; {r.get('n_params', 0):,} trainable "
+                  f"parameters. Measured {r.get('date', '?')}.", ""]
+        parts += model_table(r) + [""]
+        parts += check_table(r)
+        parts += [f"![{m}]({rel})", ""]
+    md_path.write_text("\n".join(parts))
