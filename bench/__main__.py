@@ -7,11 +7,12 @@
     python -m bench --report-only            # regenerate RESULTS.md and plots from results/*.json
 
 Per model it runs (each in a fresh subprocess, 2 torch threads):
-  1. memory + compile: one subprocess per (batch size, configuration): RSS before the first step,
-     first-step time (cold compile: the sweep starts with an empty Inductor cache), peak RSS.
-  2. step time: one subprocess per model holding ALL configurations; per batch size: warm-up
-     (compilation excluded; the Inductor cache is warm from 1.), then interleaved rounds;
-     medians and ratios to the plain compiled step.
+  1. step time + compile time: one subprocess per model holding ALL configurations; per batch
+     size: first step timed (cold compile: the sweep starts with an empty Inductor cache, and
+     Inductor's process start-up is paid beforehand by a trivial compile), warm-up, then
+     interleaved rounds; medians and ratios to the plain compiled step.
+  2. memory: one subprocess per (batch size, configuration): RSS before the first step, peak RSS
+     over the whole process and over steady-state steps (the Inductor cache is warm from 1.).
   3. with --check: gradients of every configuration vs a float64 torch.func reference.
 Raw results: bench/results/<model>.json; tables: bench/RESULTS.md; plots: bench/results/<model>.png.
 """
@@ -101,13 +102,13 @@ def main(argv=None):
     ap.add_argument("--configs", nargs="+", default=ALL_CONFIGS, choices=ALL_CONFIGS)
     ap.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default 7, quick 3)")
     ap.add_argument("--warmup", type=int, default=2, help="warm-up steps after the first step")
-    ap.add_argument("--mem-steps", type=int, default=3, help="steady-state steps in the memory run")
+    ap.add_argument("--mem-steps", type=int, default=2, help="steady-state steps in the memory run")
     ap.add_argument("--target-s", type=float, default=None,
                     help="time per configuration per round (steps repeated up to it; default 0.25, quick 0.1)")
     ap.add_argument("--quick", action="store_true", help="one small batch size per model, 3 rounds")
     ap.add_argument("--check", action="store_true", help="also check gradients vs float64 torch.func")
     ap.add_argument("--check-only", action="store_true", help="only the gradient check")
-    ap.add_argument("--check-batch-size", type=int, default=4)
+    ap.add_argument("--check-batch-size", type=int, default=None, help="default: smallest batch size of the sweep")
     ap.add_argument("--no-mem", action="store_true", help="skip the memory/compile subprocesses")
     ap.add_argument("--no-time", action="store_true", help="skip the step-time runs")
     ap.add_argument("--max-inst-gb", type=float, default=10.0,
@@ -166,23 +167,6 @@ def main(argv=None):
             res["n_params"] = n_params(MODELS[m].build())
             res.setdefault("mem", {})
             res.setdefault("time", {})
-            if do_check:
-                bar.set_postfix_str(f"{m} check")
-                res["check"] = _worker(
-                    ["check", "--model", m, "--batch-sizes", str(a.check_batch_size),
-                     "--configs", *a.configs, "--threads", str(a.threads),
-                     "--max-inst-gb", str(a.max_inst_gb)], env, log, a.timeout)
-                bar.update(1)
-            if do_mem:
-                for bs in bss:
-                    for c in a.configs:
-                        bar.set_postfix_str(f"{m} B={bs} {c} mem")
-                        r = _worker(["mem", "--model", m, "--batch-sizes", str(bs), "--configs", c,
-                                     "--steps", str(a.mem_steps), "--threads", str(a.threads),
-                                     "--max-inst-gb", str(a.max_inst_gb)], env, log, a.timeout)
-                        res["mem"].setdefault(str(bs), {})[c] = r
-                        bar.update(1)
-                        path.write_text(json.dumps(res, indent=1))
             if do_time:
                 bar.set_postfix_str(f"{m} time")
 
@@ -206,7 +190,25 @@ def main(argv=None):
                             res["time"][str(bs)] = {c: {"error": r["error"]} for c in a.configs}
                 else:
                     res["time"].update(r)
+                res["inductor_init_s"] = res["time"].pop("_inductor_init_s", None)
                 bar.update(max(0, len(bss) - len(ticks)))
+            if do_mem:
+                for bs in bss:
+                    for c in a.configs:
+                        bar.set_postfix_str(f"{m} B={bs} {c} mem")
+                        r = _worker(["mem", "--model", m, "--batch-sizes", str(bs), "--configs", c,
+                                     "--steps", str(a.mem_steps), "--threads", str(a.threads),
+                                     "--max-inst-gb", str(a.max_inst_gb)], env, log, a.timeout)
+                        res["mem"].setdefault(str(bs), {})[c] = r
+                        bar.update(1)
+                        path.write_text(json.dumps(res, indent=1))
+            if do_check:
+                bar.set_postfix_str(f"{m} check")
+                res["check"] = _worker(
+                    ["check", "--model", m, "--batch-sizes", str(a.check_batch_size or min(bss)),
+                     "--configs", *a.configs, "--threads", str(a.threads),
+                     "--max-inst-gb", str(a.max_inst_gb)], env, log, a.timeout)
+                bar.update(1)
             res["settings"] = {"rounds": rounds, "warmup": a.warmup, "target_s": target_s,
                                "mem_steps": a.mem_steps, "clip": 1.0, "loss_reduction": "sum",
                                "max_inst_gb": a.max_inst_gb}

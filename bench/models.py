@@ -219,26 +219,26 @@ def _img_batch(n_cls):
 MODELS: dict[str, ModelSpec] = {
     "mlp": ModelSpec(
         "mlp", "Opacus-blog MLP: Linear 5120->2560, ReLU, Linear 2560->1280 (16.4M params), CE",
-        MLP, _cls_batch(5120, 1280), [16, 32, 64, 128], [16],
+        MLP, _cls_batch(5120, 1280), [16, 32, 64], [16],
     ),
     "gpt": ModelSpec(
         "gpt", "causal GPT: tok+pos Embedding, 2 blocks (Linear q/k/v/o + SDPA causal, GELU MLP, "
         "LayerNorm), d=128, T=64, vocab 1000",
-        TinyGPT, _lm_batch(1000, 64), [8, 16, 32], [8],
+        TinyGPT, _lm_batch(1000, 64), [8, 16], [8],
     ),
     "hf_gpt2": ModelSpec(
         "hf_gpt2", "HF GPT2LMHeadModel from GPT2Config(n_layer=2, n_embd=128, n_head=4, vocab 1000), "
         "T=64, untied head, no download",
-        HFGPT2Logits, _lm_batch(1000, 64), [8, 16, 32], [8],
+        HFGPT2Logits, _lm_batch(1000, 64), [8, 16], [8],
     ),
     "cnn": ModelSpec(
         "cnn", "GroupNorm CNN, 4 conv (32-32-64-128 ch) + GroupNorm + ReLU + pools + Linear, 3x32x32",
-        GroupNormCNN, _img_batch(10), [16, 32, 64], [16],
+        GroupNormCNN, _img_batch(10), [16, 32], [16],
     ),
     "tied_lm": ModelSpec(
         "tied_lm", "tied-embedding LM: Embedding(16000, 256) = LM head weight, LayerNorm + GELU MLP "
         "block, T=32",
-        TiedLM, _lm_batch(16000, 32), [8, 16, 32], [16],
+        TiedLM, _lm_batch(16000, 32), [8, 16], [16],
     ),
 }
 

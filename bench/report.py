@@ -54,40 +54,47 @@ def _errors_for(r, bs, c):
 def model_table(r) -> list[str]:
     lines = [
         "| B | configuration | step ms (median) | ratio to plain compiled | peak RSS growth MB (steady) "
-        "| peak RSS growth MB (incl. compile) | peak RSS MB | first step s (compile) |",
+        "| peak RSS growth MB (incl. compile) | peak RSS MB | compile s (first step, cold) |",
         "|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
-    notes = []
+    notes: dict = {}  # (config, error) -> [note number, [batch sizes]]
+
+    def note(c, bs, err):
+        k = (c, err)
+        if k not in notes:
+            notes[k] = [len(notes) + 1, []]
+        if bs not in notes[k][1]:
+            notes[k][1].append(bs)
+        tag = "skipped" if err.startswith("skipped") else "error"
+        return f"{tag} [{notes[k][0]}]"
+
     for bs in _bss(r):
         for c in ORDER:
             t = r.get("time", {}).get(bs, {}).get(c)
             m = r.get("mem", {}).get(bs, {}).get(c)
             if t is None and m is None:
                 continue
-            err = _errors_for(r, bs, c)
-            if err and not (t and "median_ms" in t):
-                notes.append((bs, c, err))
-                lines.append(f"| {bs} | {CONFIGS[c].label} | error [{len(notes)}] | | | | | |")
-                continue
-            ratio = _cell(t, "ratio", "{:.2f}x")
-            if c == BASELINE and t and "ratio" in t:
-                ratio = "1.00 (baseline)"
-            lines.append(
-                f"| {bs} | {CONFIGS[c].label} | {_cell(t, 'median_ms', '{:.1f}')} | {ratio} | "
-                f"{_cell(m, 'steady_peak_growth_mb', '{:.0f}')} | {_cell(m, 'peak_growth_mb', '{:.0f}')} | "
-                f"{_cell(m, 'peak_rss_mb', '{:.0f}')} | {_cell(m, 'compile_s', '{:.2f}')} |"
-            )
-    out = lines
+            if t and t.get("error"):
+                tcells = [note(c, bs, t["error"]), "", ""]
+            else:
+                ratio = _cell(t, "ratio", "{:.2f}x")
+                if c == BASELINE and t and "ratio" in t:
+                    ratio = "1.00 (baseline)"
+                tcells = [_cell(t, "median_ms", "{:.1f}"), ratio,
+                          _cell(t, "first_step_s_in_process", "{:.2f}")]
+            if m and m.get("error"):
+                same = t and t.get("error") == m["error"]
+                mcells = ["" if same else note(c, bs, m["error"]), "", ""]
+            else:
+                mcells = [_cell(m, "steady_peak_growth_mb", "{:.0f}"), _cell(m, "peak_growth_mb", "{:.0f}"),
+                          _cell(m, "peak_rss_mb", "{:.0f}")]
+            lines.append(f"| {bs} | {CONFIGS[c].label} | {tcells[0]} | {tcells[1]} | {mcells[0]} | "
+                         f"{mcells[1]} | {mcells[2]} | {tcells[2]} |")
     if notes:
-        out.append("")
-        seen = {}
-        for i, (bs, c, err) in enumerate(notes, 1):
-            seen.setdefault((c, err), []).append((i, bs))
-        for (c, err), occ in seen.items():
-            refs = ", ".join(f"[{i}]" for i, _ in occ)
-            b = ", ".join(str(bs) for _, bs in occ)
-            out.append(f"- {refs} {CONFIGS[c].label}, B={b}: `{_short(err, 300)}`")
-    return out
+        lines.append("")
+        for (c, err), (i, bss) in notes.items():
+            lines.append(f"- [{i}] {CONFIGS[c].label}, B={', '.join(bss)}: `{_short(err, 300)}`")
+    return lines
 
 
 def check_table(r) -> list[str]:
@@ -159,7 +166,7 @@ def plot(r, path: Path):
     panels = [
         ("time", "median_ms", "step time (ms, log)", True),
         ("mem", "steady_peak_growth_mb", "peak RSS growth, steady steps (MB, log)", True),
-        ("mem", "compile_s", "first step incl. compile (s)", False),
+        ("time", "first_step_s_in_process", "first step incl. cold compile (s)", False),
     ]
     failed = set()
     for ax, (section, key, title, logy) in zip(axes, panels):
@@ -221,15 +228,20 @@ parameters, C = 1.0, no noise, no optimizer step); the plain ones leave the uncl
 **How it is measured** ({machine}; torch {torch}, opacus {opacus}; `torch.set_num_threads({threads})`):
 - *step ms*: all configurations of a model in ONE process; after the first step (compilation) and
   {warmup} warm-up steps, {rounds} interleaved rounds (order rotated each round; each round repeats a
-  configuration's step up to ~{target_s} s); median over all timed steps. *ratio* = median / median of
+  configuration's step up to ~{target_s} s; configurations slower than 2 s per step get one warm-up
+  step and at least 3 rounds, ~20 s of timed steps); median over all timed steps. *ratio* = median / median of
   plain compiled at the same batch size.
 - *memory*: each configuration in its OWN process. *peak RSS growth (steady)*: highest RSS during
-  {mem_steps} steps after two warm-up steps (peak counter reset through `/proc/self/clear_refs`) minus
+  {mem_steps} steps after the first two steps (peak counter reset through `/proc/self/clear_refs`) minus
   the RSS before the first step — the memory a training step needs (gradients, activations,
   per-sample tensors, compiled code). *incl. compile*: `ru_maxrss` over the whole process minus the RSS
   before the first step (includes Dynamo/Inductor compilation). *peak RSS*: absolute `ru_maxrss`.
-- *first step s*: time of the first forward+backward in that fresh process, with an empty Inductor
-  cache: cold compilation for the compiled configurations (`TORCHINDUCTOR_COMPILE_THREADS=1`).
+- *compile s*: time of the first forward+backward of the configuration in the step-time process,
+  with the sweep's initially empty Inductor cache: cold compilation for the compiled configurations
+  (`TORCHINDUCTOR_COMPILE_THREADS=1`; Inductor's one-time process start-up is paid beforehand by a
+  trivial compile, so it is charged to no configuration). For the eager configurations it is the
+  first eager step (fxclip eager traces and rewrites the graph there). The memory processes run
+  after it with a warm cache (their first-step time is in the JSON as `first_step_s`).
 - Per-sample-instantiating configurations (Opacus hooks, torch.func) are skipped when B x |params|
   x 4 bytes exceeds {max_inst_gb} GB (`--max-inst-gb`).
 - Opacus runs with `strict=False` (no buffer validation) and an optimizer stand-in that only

@@ -29,6 +29,8 @@ from . import configs as cfgs
 from .models import MODELS, n_params
 
 MB = 1024 * 1024
+SLOW_S = 2.0  # a step slower than this is "slow": one warm-up step, fewer rounds
+BUDGET_S = 20.0  # timed seconds per slow configuration and batch size
 
 
 def _setup_torch(threads: int):
@@ -102,9 +104,22 @@ def _sync():
 
 
 # ------------------------------------------------------------------------------------------
+def _init_inductor():
+    """Compile a trivial forward+backward once, so the one-time Dynamo/Inductor start-up cost of
+    the process is not charged to whichever configuration compiles first."""
+    lin = torch.nn.Linear(4, 4)
+    f = torch.compile(lambda z: lin(z).relu().sum(), dynamic=False)
+    f(torch.randn(3, 4)).backward()
+    torch._dynamo.reset()
+
+
 def run_time(model_name, batch_sizes, config_names, rounds, warmup, C, max_inst_gb, target_s, progress,
              partial_path=None):
     out = {}
+    if any(cfgs.CONFIGS[c].compiled for c in config_names):
+        t0 = time.perf_counter()
+        _init_inductor()
+        out["_inductor_init_s"] = time.perf_counter() - t0
     for bs in batch_sizes:
         torch._dynamo.reset()
         spec, base, x, y = _make(model_name, bs)
@@ -120,14 +135,19 @@ def run_time(model_name, batch_sizes, config_names, rounds, warmup, C, max_inst_
                 t0 = time.perf_counter()
                 r.step(x, y)
                 first = time.perf_counter() - t0
-                for _ in range(warmup):
+                est = None
+                for i in range(max(1, warmup)):  # the last warm-up step estimates the step time
+                    if est is not None and est > SLOW_S:
+                        break  # slow configurations (seconds per step) need no long warm-up
+                    t0 = time.perf_counter()
                     r.step(x, y)
-                t0 = time.perf_counter()
-                r.step(x, y)
-                est = time.perf_counter() - t0
+                    est = time.perf_counter() - t0
                 inner = max(1, min(20, int(round(target_s / max(est, 1e-4)))))
+                # slow configurations: fewer rounds (at least 3), about BUDGET_S of timed steps
+                n_rounds = rounds if est < SLOW_S else max(3, min(rounds, int(BUDGET_S / est)))
                 runners[name] = r
-                res[name] = {"first_step_s_in_process": first, "inner": inner, "times_s": []}
+                res[name] = {"first_step_s_in_process": first, "inner": inner, "rounds": n_rounds,
+                             "times_s": []}
             except Exception as e:  # a peer that cannot run the model: that is a result
                 res[name] = {"error": _err(e), "traceback": traceback.format_exc()[-3000:]}
             gc.collect()
@@ -136,6 +156,8 @@ def run_time(model_name, batch_sizes, config_names, rounds, warmup, C, max_inst_
             # interleaved rounds; rotate the order so no configuration always follows another
             k = rd % max(1, len(order))
             for name in order[k:] + order[:k]:
+                if rd >= res[name]["rounds"]:
+                    continue
                 r = runners[name]
                 try:
                     for _ in range(res[name]["inner"]):
@@ -174,6 +196,8 @@ def run_mem(model_name, bs, config, C, steps, max_inst_gb):
     reason = guard(config, base, bs, max_inst_gb)
     if reason:
         return {"error": reason, "skipped": True}
+    if cfgs.CONFIGS[config].compiled:
+        _init_inductor()  # process start-up cost of Inductor is not the configuration's
     gc.collect()
     r = cfgs.build(config, base, C)
     gc.collect()
@@ -192,7 +216,7 @@ def run_mem(model_name, bs, config, C, steps, max_inst_gb):
     peak_total = max(peak_total, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return {
         "rss_before_mb": rss0 / MB,
-        "compile_s": first,  # first step (forward + backward), includes compilation
+        "first_step_s": first,  # first step (fwd + bwd) in a fresh process, sweep's Inductor cache
         "peak_rss_mb": peak_total / MB,
         "peak_growth_mb": (peak_total - rss0) / MB,
         "rss_after_warmup_mb": rss_warm / MB,
