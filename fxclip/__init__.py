@@ -5,10 +5,10 @@ from .inspect_report import Explanation, explain
 from .make_private import make_private
 from .optim import DPOptimizer
 from .passes import PrivacyError
-from .privatize import PrivatizedModule, privatize
+from .privatize import PrivatizedModule, privatize, unprivatize
 from .sampling import PoissonDataLoader, micro_batches
 
-__all__ = ["PrivacyError", "PrivatizedModule", "privatize", "explain", "Explanation", "make_private",
+__all__ = ["PrivacyError", "PrivatizedModule", "privatize", "unprivatize", "explain", "Explanation", "make_private",
            "DPOptimizer", "Accountant", "noise_multiplier_for", "accounting", "PoissonDataLoader",
            "micro_batches"]
 __version__ = "0.1.0"

@@ -7,26 +7,41 @@ executes the rewritten graph without code generation. Either way, one backward.
 """
 from __future__ import annotations
 
+import enum
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 
 from . import _compile
 from .passes import PrivacyError, ops
 
 LOSS_REDUCTIONS = ("mean", "sum")
+NONFINITE = ("refuse", "drop")
+
+# Non-tensor inputs taken as constants shared by every sample (flags, sizes, names).
+_CONSTANTS = (type(None), bool, int, float, complex, str, torch.dtype, torch.device, enum.Enum, slice,
+              type(Ellipsis))
+
+DOUBLE_BACKWARD = (
+    "backward with create_graph=True (double backward: gradient penalties, MAML, Hessian-vector "
+    "products) through a privatized model is not supported: fxclip clips first-order per-sample "
+    "gradients only. Call loss.backward() without create_graph, or compute higher-order terms with "
+    "the plain model (fxclip.unprivatize(pm))."
+)
 
 
 class PrivatizedModule(nn.Module):
     """`model` with per-sample clipped gradients; shares the model's parameters and buffers."""
 
-    def __init__(self, model: nn.Module, max_grad_norm: float, loss_reduction: str, clipping="flat"):
+    def __init__(self, model: nn.Module, max_grad_norm: float, loss_reduction: str, clipping="flat",
+                 nonfinite: str = "refuse"):
         super().__init__()
         self.module = model
         self.max_grad_norm = float(max_grad_norm)
         self.loss_reduction = loss_reduction
         self.clipping = clipping
+        self.nonfinite = nonfinite
         self._group_of = _clipping_groups(model, clipping)
         # Identifies this module's norms in the graph without baking a constant into it, so
         # privatized copies of one model class share compiled graphs.
@@ -48,11 +63,26 @@ class PrivatizedModule(nn.Module):
     def forward(self, *args, **kwargs):
         if not self._needs_clipping():
             return self.module(*args, **kwargs)
-        if _compile.is_compiling():
+        compiling = _compile.is_compiling()
+        # under torch.compile, batch sizes are compared in the graph pass (no shape guards here)
+        _check_inputs(args, kwargs, check_sizes=not compiling)
+        if compiling:
             return self._marked_forward(*args, **kwargs)
         if self._eager is None:
             self._eager = _compile.compile_eager(self, "_marked_forward")
-        return self._eager(*args, **kwargs)
+        out = self._eager(*args, **kwargs)
+        return tree_map(lambda y: _NoDoubleBackward.apply(y) if _is_float(y) and y.requires_grad else y,
+                        out)
+
+    # state_dict keys are the plain model's (no "module." prefix): pm.state_dict() loads into the
+    # model and model.state_dict() into pm; "module."-prefixed keys are accepted too.
+    def state_dict(self, *args, **kwargs):
+        return self.module.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        if state_dict and all(k.startswith("module.") for k in state_dict):
+            state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
+        return self.module.load_state_dict(state_dict, strict=strict, assign=assign)
 
     def _needs_clipping(self) -> bool:
         return torch.is_grad_enabled() and any(p.requires_grad for p in self.module.parameters())
@@ -64,10 +94,11 @@ class PrivatizedModule(nn.Module):
         frozen = [n for n, p in named if not p.requires_grad]
         groups, thresholds = self._group_spec(names)
         spec = (self._fxclip_token, "\n".join(names), "\n".join(frozen), groups, thresholds,
-                self.loss_reduction == "mean")
+                self.loss_reduction == "mean", self.nonfinite)
         args, kwargs = tree_map(_mark_input, (args, kwargs))
         out = self.module(*args, **kwargs)
-        return tree_map(lambda y: ops.batch_output(y, params, *spec) if _is_float(y) else y, out)
+        return tree_map(lambda y: ops.batch_output(_check_output(y), params, *spec) if _is_float(y) else y,
+                        out)
 
 
     def _group_spec(self, names):
@@ -112,8 +143,63 @@ def _mark_input(x):
     return ops.batch_input(x) if isinstance(x, torch.Tensor) else x
 
 
+def _check_inputs(args, kwargs, check_sizes: bool) -> None:
+    """Tensor leaves (of any pytree: tuples, lists, dicts) are per-sample data with the batch in
+    dim 0; other leaves must be plain constants shared by every sample."""
+    leaves, _ = tree_flatten((args, kwargs))
+    sizes = []
+    for i, leaf in enumerate(leaves):
+        if isinstance(leaf, torch.Tensor):
+            if leaf.dim() == 0:
+                raise PrivacyError(
+                    f"input {i} (in flattened order) is a 0-d tensor: every tensor input of a "
+                    "privatized model must hold one row per sample in dim 0. Pass a per-sample "
+                    "tensor of shape (B, ...), or keep shared values in the module (a buffer or "
+                    "attribute) or as a Python number.")
+            sizes.append((i, leaf.shape[0]))
+        elif not isinstance(leaf, _CONSTANTS):
+            raise PrivacyError(
+                f"input {i} (in flattened order) is a {type(leaf).__name__}, which fxclip cannot "
+                "split into samples. Pass torch.Tensors with the batch in dim 0, possibly nested in "
+                "tuples, lists and dicts (register other containers with "
+                "torch.utils._pytree.register_pytree_node); numpy arrays: torch.from_numpy(a).")
+    if not sizes:
+        raise PrivacyError(
+            "the privatized model got no tensor input, so there is no batch to clip per sample. "
+            "Pass the batch as torch.Tensors with the samples in dim 0.")
+    if check_sizes and len({s for _, s in sizes}) > 1:
+        raise PrivacyError(
+            "the inputs' batch sizes disagree: " + ", ".join(f"input {i}: {s}" for i, s in sizes)
+            + ". Every tensor input must hold one row per sample in dim 0, all with the same number "
+            "of samples; pass shared tensors (masks, tables) as module buffers instead.")
+
+
+def _check_output(y):
+    if y.dim() == 0:
+        raise PrivacyError(
+            "the privatized model returned a 0-d tensor (e.g. a mean loss computed inside the "
+            "model): per-sample clipping needs one output row per sample. Return per-sample "
+            "outputs (logits, or unreduced per-sample losses of shape (B,)) and reduce them "
+            "outside the model with the reduction given as loss_reduction.")
+    return y
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """Identity on a model output whose backward refuses create_graph=True (eager path)."""
+
+    @staticmethod
+    def forward(ctx, y):
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if torch.is_grad_enabled():
+            raise PrivacyError(DOUBLE_BACKWARD)
+        return grad
+
+
 def privatize(model: nn.Module, *, max_grad_norm: float, loss_reduction: str = "mean",
-              clipping="flat") -> PrivatizedModule:
+              clipping="flat", nonfinite: str = "refuse") -> PrivatizedModule:
     """Return a module whose backward adds `sum_i R_i grad_i` to each trainable parameter's
     .grad (divided by B for loss_reduction="mean"), R_i = min(1, C / (||grad_i|| + 1e-6)).
 
@@ -121,6 +207,13 @@ def privatize(model: nn.Module, *, max_grad_norm: float, loss_reduction: str = "
     every input and output. clipping="flat" clips the norm over all parameters; "per_layer"
     (one group per module) or a list of lists of parameter names clips each group g on its
     own to C_g = C / sqrt(number of groups).
+
+    nonfinite: a sample whose gradient is inf/NaN has no clipped gradient. "refuse" (default)
+    raises PrivacyError in backward and leaves every .grad unchanged; "drop" gives that sample
+    R = 0 (and still refuses if its inf/NaN reaches a parameter gradient anyway).
+
+    The model keeps its parameters and buffers (the same objects); pm.state_dict() has the
+    model's keys; fxclip.unprivatize(pm) returns the model.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"privatize expects an nn.Module, got {type(model).__name__}")
@@ -130,5 +223,15 @@ def privatize(model: nn.Module, *, max_grad_norm: float, loss_reduction: str = "
         raise ValueError(f"max_grad_norm must be a positive number, got {max_grad_norm!r}")
     if loss_reduction not in LOSS_REDUCTIONS:
         raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+    if nonfinite not in NONFINITE:
+        raise ValueError(f"nonfinite must be 'refuse' or 'drop', got {nonfinite!r}")
     _compile.install()
-    return PrivatizedModule(model, max_grad_norm, loss_reduction, clipping)
+    return PrivatizedModule(model, max_grad_norm, loss_reduction, clipping, nonfinite)
+
+
+def unprivatize(pm: nn.Module) -> nn.Module:
+    """The plain model inside a privatized module (also through torch.compile's wrapper)."""
+    inner = getattr(pm, "_orig_mod", pm)
+    if not isinstance(inner, PrivatizedModule):
+        raise TypeError(f"unprivatize expects a module returned by fxclip.privatize, got {type(pm).__name__}")
+    return inner.module

@@ -21,6 +21,9 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 aten = torch.ops.aten
 
+SHAPE_OPS = {aten.sym_size.int, aten.sym_stride.int, aten.sym_numel.default,
+             aten.sym_storage_offset.default}
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -75,6 +78,12 @@ def _sym_prod(xs):
     return out
 
 
+def fits(lay, shape, B) -> bool:
+    """Whether a tensor of `shape` can carry the batch as `lay` says."""
+    return (shape is not None and lay.dim < len(shape)
+            and known_equal(shape[lay.dim], lay.outer * B * lay.inner))
+
+
 def _shape(node):
     v = node.meta.get("val")
     return tuple(v.shape) if isinstance(v, torch.Tensor) else None
@@ -96,8 +105,8 @@ def analyze(graph: fx.Graph, batched: dict[fx.Node, Layout], batch_size) -> dict
     """Layouts of every node reachable from the `batched` seeds; others are absent (no batch)."""
     layouts: dict = dict(batched)
     for node in graph.nodes:
-        if node in layouts or node.op != "call_function":
-            continue
+        if node in layouts or node.op != "call_function" or node.target in SHAPE_OPS:
+            continue  # sizes of a batched tensor carry no sample's values
         inputs = [a for a in node.all_input_nodes if a in layouts]
         if not inputs:
             continue
@@ -237,7 +246,8 @@ def _reduction(node, layouts, B):
 
 @layout_rule(operator.getitem)
 def _getitem(node, layouts, B):
-    return layouts[node.args[0]]
+    lay = layouts[node.args[0]]
+    return lay if fits(lay, _shape(node), B) else None  # e.g. an op's non-batched extra outputs
 
 
 def _matmul_layout(a_lay, b_lay, contract_a, contract_b, out_a, out_b):
@@ -277,3 +287,282 @@ def _bmm(node, layouts, B):
     if lb is not None:
         outs.add(Layout(lb.dim, lb.outer, lb.inner))  # dim 0 or 2 of b stays put
     return outs.pop() if len(outs) == 1 else None
+
+
+
+# --- Ops that keep samples apart along some dims and combine values along others (issue 4). ---
+# Each rule returns MIXED when the batch sits in a dim the op combines, so the mixing check
+# (passes/mixing.py) can name the op; otherwise the layout of the output.
+
+
+def _op(name: str, overload: str = "default"):
+    """aten.<name>.<overload>, or None where this torch build has no such op."""
+    packet = getattr(aten, name, None)
+    return getattr(packet, overload, None) if packet is not None else None
+
+
+def _register(rule, *ops):
+    for op in ops:
+        if op is not None:
+            LAYOUT_RULES[op] = rule
+
+
+def _dim(d, ndim):
+    return d % ndim if ndim else 0
+
+
+def _arg(node, i, name, default):
+    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+
+
+def _as_list(d):
+    return list(d) if isinstance(d, (list, tuple)) else [d]
+
+
+def _out_shape(node):
+    v = node.meta.get("val")
+    if isinstance(v, (tuple, list)):
+        v = v[0] if v and isinstance(v[0], torch.Tensor) else None
+    return tuple(v.shape) if isinstance(v, torch.Tensor) else None
+
+
+def _along(mixed_dims_of):
+    """Rule for an op that combines values along `mixed_dims_of(node, ndim)` of its first input
+    and keeps every other dim in place (all batched inputs share one layout)."""
+
+    def rule(node, layouts, B):
+        lays = {layouts[a] for a in node.all_input_nodes if a in layouts}
+        if len(lays) != 1:
+            return None
+        lay = lays.pop()
+        ndim = len(_shape(node.args[0]) or ())
+        if lay.dim in {_dim(d, ndim) for d in mixed_dims_of(node, ndim)}:
+            return MIXED
+        return lay if fits(lay, _out_shape(node), B) else None
+
+    return rule
+
+
+_register(_along(lambda n, nd: [_arg(n, 1, "dim", -1)]),
+          aten.cumsum.default, aten.cumprod.default, aten.logcumsumexp.default,
+          aten.cummax.default, aten.cummin.default, aten._softmax.default,
+          aten._log_softmax.default, aten.sort.default, aten.argsort.default)
+_register(_along(lambda n, nd: [n.kwargs.get("dim", -1)]), aten.sort.stable, aten.argsort.stable)
+_register(_along(lambda n, nd: [_arg(n, 2, "dim", -1)]), aten.topk.default, aten.kthvalue.default)
+_register(_along(lambda n, nd: _as_list(n.args[1])), aten.flip.default)
+_register(_along(lambda n, nd: _as_list(_arg(n, 2, "dims", [])) or range(nd)), aten.roll.default)
+# padding changes the size of the padded dims: padding the batch adds samples
+_register(_along(lambda n, nd: [nd - 1 - i // 2 for i, p in enumerate(n.args[1]) if p != 0]),
+          aten.constant_pad_nd.default)
+
+
+def _reduction_over(dims_of, keepdim_of):
+    def rule(node, layouts, B):
+        lay = layouts[node.args[0]]
+        ndim = len(_shape(node.args[0]))
+        dims = dims_of(node)
+        dims = list(range(ndim)) if dims is None or dims == [] else [_dim(d, ndim) for d in _as_list(dims)]
+        if lay.dim in dims:
+            return MIXED
+        keep = keepdim_of(node)
+        return Layout(lay.dim if keep else lay.dim - sum(1 for d in dims if d < lay.dim),
+                      lay.outer, lay.inner)
+
+    return rule
+
+
+_register(_reduction_over(lambda n: _arg(n, 1, "dim", None), lambda n: _arg(n, 2, "keepdim", False)),
+          aten.median.dim, aten.nanmedian.dim, aten.mode.default, aten.max.dim, aten.min.dim,
+          aten.all.dim, aten.any.dims, aten.argmin.default, aten.count_nonzero.dim_IntList,
+          aten.std.correction)
+_register(_reduction_over(lambda n: None, lambda n: False),
+          aten.median.default, aten.nanmedian.default, aten.max.default, aten.min.default,
+          aten.all.default, aten.any.default, aten.nansum.default)
+_register(_reduction_over(lambda n: _arg(n, 2, "dim", None), lambda n: _arg(n, 3, "keepdim", False)),
+          aten.linalg_vector_norm.default)
+
+
+@layout_rule(aten.select.int)
+def _select(node, layouts, B):
+    lay = layouts[node.args[0]]
+    d = _dim(node.args[1], len(_shape(node.args[0])))
+    if d == lay.dim:
+        return MIXED  # one sample's values, handed on without a batch
+    return Layout(lay.dim - (1 if d < lay.dim else 0), lay.outer, lay.inner)
+
+
+@layout_rule(aten.slice.Tensor)
+def _slice(node, layouts, B):
+    lay = layouts[node.args[0]]
+    in_shape = _shape(node.args[0])
+    d = _dim(_arg(node, 1, "dim", 0), len(in_shape))
+    if d == lay.dim and not same_shape(_shape(node), in_shape):
+        return MIXED  # drops samples
+    return lay
+
+
+@layout_rule(aten.unbind.int, aten.split.Tensor, aten.split_with_sizes.default)
+def _split(node, layouts, B):
+    lay = layouts[node.args[0]]
+    unbind = node.target == aten.unbind.int
+    d = _dim(_arg(node, 1 if unbind else 2, "dim", 0), len(_shape(node.args[0])))
+    if d == lay.dim:
+        return MIXED
+    if unbind:
+        return Layout(lay.dim - (1 if d < lay.dim else 0), lay.outer, lay.inner)
+    return lay  # the layout of every piece
+
+
+@layout_rule(aten.cat.default)
+def _cat(node, layouts, B):
+    lays = {layouts[t] for t in node.args[0] if t in layouts}
+    if len(lays) != 1:
+        return None
+    lay = lays.pop()
+    if _dim(_arg(node, 1, "dim", 0), len(_shape(node))) == lay.dim:
+        return MIXED  # joins along the batch: rows are no longer one per sample
+    return lay if fits(lay, _shape(node), B) else None
+
+
+@layout_rule(aten.stack.default)
+def _stack(node, layouts, B):
+    lays = {layouts[t] for t in node.args[0] if t in layouts}
+    if len(lays) != 1:
+        return None
+    lay = lays.pop()
+    d = _dim(_arg(node, 1, "dim", 0), len(_shape(node)))
+    return Layout(lay.dim + (1 if d <= lay.dim else 0), lay.outer, lay.inner)
+
+
+@layout_rule(aten.index_select.default)
+def _index_select(node, layouts, B):
+    x, d, index = node.args[:3]
+    d = _dim(d, len(_shape(x)))
+    if x in layouts and index in layouts:
+        return None
+    if x in layouts:
+        return MIXED if d == layouts[x].dim else layouts[x]
+    lay = layouts[index]  # rows of a shared table picked per sample (like an embedding)
+    return Layout(d, lay.outer, lay.inner)
+
+
+@layout_rule(aten.gather.default)
+def _gather(node, layouts, B):
+    x, d, index = node.args[:3]
+    lays = {layouts[a] for a in (x, index) if a in layouts}
+    if len(lays) != 1:
+        return None
+    lay = lays.pop()
+    if x in layouts and _dim(d, len(_shape(x))) == lay.dim:
+        return MIXED  # reads other samples' values
+    return lay if fits(lay, _shape(node), B) else None
+
+
+@layout_rule(aten.embedding.default)
+def _embedding(node, layouts, B):
+    weight, indices = node.args[:2]
+    if weight in layouts:
+        return None
+    if _arg(node, 3, "scale_grad_by_freq", False):
+        return MIXED  # the gradient is divided by each token's count over the whole batch
+    return layouts[indices]  # output shape = indices.shape + (embedding_dim,)
+
+
+@layout_rule(aten.index.Tensor, aten._unsafe_index.Tensor)
+def _index(node, layouts, B):
+    x, indices = node.args[:2]
+    batched_idx = [i for i in indices if i is not None and i in layouts]
+    if x in layouts:
+        lay = layouts[x]
+        if batched_idx:
+            return None
+        if lay.dim < len(indices) and indices[lay.dim] is not None:
+            return MIXED  # picks rows along the batch
+        # advanced indices only after the batch dim: the leading dims stay in place
+        if all(i is None for i in indices[:lay.dim]):
+            return lay if fits(lay, _shape(node), B) else None
+        return None
+    if len(indices) == 1 and batched_idx:
+        return layouts[batched_idx[0]]  # a shared table indexed per sample
+    return None
+
+
+@layout_rule(aten.as_strided.default)
+def _as_strided(node, layouts, B):
+    """A strided view inside each sample's slice of a contiguous dim-0 batch keeps samples apart."""
+    x = node.args[0]
+    size, stride = list(node.args[1]), list(node.args[2])
+    offset = _arg(node, 3, "storage_offset", 0) or 0
+    xv = x.meta.get("val")
+    if layouts[x] != Layout(0) or not size or not isinstance(xv, torch.Tensor) or not xv.is_contiguous():
+        return None
+    per_sample = xv.stride()[0]
+    if not (known_equal(size[0], B) and known_equal(stride[0], per_sample)):
+        return None
+    extent = offset + sum((s - 1) * st for s, st in zip(size[1:], stride[1:]))
+    return Layout(0) if statically_known_true(extent < per_sample) else None
+
+
+_DIM0 = _along(lambda n, nd: range(1, nd))  # dim 0 is treated sample by sample
+
+
+def register_per_sample(*ops):
+    """Declare ops that treat dim 0 of their tensor inputs sample by sample (like a
+    convolution): a batch in dim 0 stays in dim 0 of the outputs; a batch elsewhere is refused as
+    mixing. In a privatized model's forward, ops without a layout rule are refused."""
+    _register(_DIM0, *ops)
+
+
+register_per_sample(
+    aten.convolution.default, aten.native_group_norm.default,
+    aten._native_batch_norm_legit_no_training.default, aten.max_pool2d_with_indices.default,
+    aten.max_pool3d_with_indices.default, aten.avg_pool2d.default, aten.avg_pool3d.default,
+    aten._adaptive_avg_pool2d.default, aten._adaptive_avg_pool3d.default,
+    aten.adaptive_max_pool2d.default, aten.upsample_nearest2d.default,
+    aten.upsample_bilinear2d.default, aten.im2col.default, aten.pixel_shuffle.default,
+    aten.pixel_unshuffle.default, _op("avg_pool1d"), _op("_low_memory_max_pool2d_with_offsets"),
+    getattr(getattr(torch.ops.prims, "_low_memory_max_pool2d_with_offsets", None), "default", None),
+)
+
+# layer norm and attention combine values along their last dims only
+_register(_along(lambda n, nd: range(nd - len(n.args[1]), nd)), aten.native_layer_norm.default)
+_register(_along(lambda n, nd: range(nd - 2, nd)), *[
+    _op(name) for name in ("_scaled_dot_product_flash_attention_for_cpu",
+                           "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+                           "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_attention_math",
+                           "scaled_dot_product_attention")])
+
+
+@layout_rule(aten._native_batch_norm_legit_functional.default, aten.native_batch_norm.default,
+             aten._native_batch_norm_legit.default)
+def _batch_norm(node, layouts, B):
+    if node.args[5]:  # training: statistics over every dim but the channels
+        return MIXED if layouts.get(node.args[0]) is not None and layouts[node.args[0]].dim != 1 else None
+    return _DIM0(node, layouts, B)
+
+
+_register(_broadcast, aten.native_dropout.default, aten.rand_like.default, aten.randn_like.default,
+          aten.empty_like.default, aten.zeros_like.default, aten.ones_like.default,
+          aten.full_like.default, aten.bernoulli.default, aten.bernoulli.p, aten.detach.default,
+          aten.tril.default, aten.triu.default)
+
+
+@layout_rule(aten._trilinear.default)
+def _trilinear(node, layouts, B):
+    """_trilinear(i1, i2, i3, expand1, expand2, expand3, sumdim): each input is unsqueezed at
+    its expand dims, the three are multiplied, and `sumdim` is summed (nn.Bilinear)."""
+    inputs, expands, sumdim = node.args[:3], node.args[3:6], set(node.args[6])
+    ndim = len(_shape(inputs[0])) + len(expands[0])
+    placed = set()
+    for x, expand in zip(inputs, expands):
+        if x not in layouts:
+            continue
+        lay = layouts[x]
+        kept = [d for d in range(ndim) if d not in set(expand)]
+        placed.add(Layout(kept[lay.dim], lay.outer, lay.inner))
+    if len(placed) != 1:
+        return None
+    lay = placed.pop()
+    if lay.dim in sumdim:
+        return MIXED
+    return Layout(lay.dim - sum(1 for d in sumdim if d < lay.dim), lay.outer, lay.inner)

@@ -32,15 +32,17 @@ def _(x):
 
 @torch.library.custom_op("fxclip::batch_output", mutates_args=())
 def batch_output(y: torch.Tensor, params: list[torch.Tensor], token: torch.Tensor, names: str,
-                 frozen: str, groups: str, thresholds: str, mean: bool) -> torch.Tensor:
+                 frozen: str, groups: str, thresholds: str, mean: bool,
+                 nonfinite: str) -> torch.Tensor:
     """Marks a model output. `params`: the trainable parameters, `names` theirs ("\n"-joined);
     `token`: the privatized module's token tensor, where the norms are recorded; `groups`: each
-    parameter's clipping group index, `thresholds`: each group's C_g (comma-separated)."""
+    parameter's clipping group index, `thresholds`: each group's C_g (comma-separated);
+    `nonfinite`: "refuse" or "drop", what to do with a sample whose gradient is inf/NaN."""
     raise PrivacyError(_NOT_REWRITTEN)
 
 
 @batch_output.register_fake
-def _(y, params, token, names, frozen, groups, thresholds, mean):
+def _(y, params, token, names, frozen, groups, thresholds, mean, nonfinite):
     return torch.empty_like(y)
 
 
@@ -87,8 +89,48 @@ def _output_setup(ctx, inputs, output):
 
 
 def _output_backward_marked(ctx, grad):
-    return (output_grad(grad), [None] * ctx.n_params) + (None,) * 6
+    return (output_grad(grad), [None] * ctx.n_params) + (None,) * 7
 
 
 batch_output.register_autograd(_output_backward_marked, setup_context=_output_setup)
 OUTPUT_GRAD = torch.ops.fxclip.output_grad.default
+
+
+NONFINITE = (
+    "sample(s) {samples} of this batch have a non-finite gradient (inf or NaN), so no clipped "
+    "gradient exists for them; the step was refused and no .grad was changed. Find the cause "
+    "(e.g. log(0) in the loss, float16 overflow, a too large learning rate), or pass "
+    "nonfinite=\"drop\" to fxclip.privatize to give such samples zero weight."
+)
+NONFINITE_DROPPED = (
+    "a sample's non-finite values reached the reweighted gradient of {what} even though its "
+    "clip factor was set to 0 (0 * inf is NaN); the step was refused and no .grad was changed. "
+    "Find the cause of the inf/NaN (see pm.per_sample_norms)."
+)
+
+
+@torch.library.custom_op("fxclip::refuse_nonfinite", mutates_args=())
+def refuse_nonfinite(norms: torch.Tensor, clip_factor: torch.Tensor) -> torch.Tensor:
+    """Raises PrivacyError if any per-sample norm is inf/NaN; returns the clip factor."""
+    bad = ~torch.isfinite(norms)
+    if bool(bad.any()):
+        raise PrivacyError(NONFINITE.format(samples=bad.nonzero().flatten().tolist()))
+    return clip_factor.clone()
+
+
+@refuse_nonfinite.register_fake
+def _(norms, clip_factor):
+    return torch.empty_like(clip_factor)
+
+
+@torch.library.custom_op("fxclip::require_finite", mutates_args=())
+def require_finite(grad: torch.Tensor, what: str) -> torch.Tensor:
+    """Raises PrivacyError if a reweighted gradient holds inf/NaN (nonfinite="drop")."""
+    if not bool(torch.isfinite(grad).all()):
+        raise PrivacyError(NONFINITE_DROPPED.format(what=what))
+    return grad.clone()
+
+
+@require_finite.register_fake
+def _(grad, what):
+    return torch.empty_like(grad)

@@ -15,6 +15,7 @@ from ._torch import input_index, output_descriptors
 from .builder import GraphBuilder
 from .errors import PrivacyError
 from .layout import Layout, analyze, known_equal, same_shape
+from .mixing import check_batch_independence, check_no_batch_state, model_region
 from .report import ParamRoute, RewriteReport, rule_counters
 from .rules import RULES, Contribution, norm_sq_of, weighted_sum
 
@@ -86,11 +87,11 @@ def _read_spec(outputs) -> dict:
             "one compiled graph holds several privatized models; compile each privatized model "
             "on its own (torch.compile(pm)) and call them separately."
         )
-    token, names, frozen, groups, thresholds, mean = specs.pop()
+    token, names, frozen, groups, thresholds, mean, nonfinite = specs.pop()
     return {"names": names.split("\n") if names else [], "frozen": frozen.split("\n") if frozen else [],
             "groups": [int(g) for g in groups.split(",")] if groups else [],
             "thresholds": [float(c) for c in thresholds.split(",")] if thresholds else [],
-            "mean": mean, "token": token}
+            "mean": mean, "token": token, "nonfinite": nonfinite}
 
 
 def _remove(marker):
@@ -153,15 +154,23 @@ def _clean_module_path(path: str) -> str:
     return path
 
 
-def _clip_fn(thresholds: list, mean: bool):
-    """(per-group squared norms) -> (G, B) clip factors R_g = min(1, C_g / (n_g + 1e-6))."""
+def _clip_fn(thresholds: list, mean: bool, nonfinite: str = "refuse"):
+    """(per-group squared norms) -> (G, B) clip factors R_g = min(1, C_g / (n_g + 1e-6)).
+
+    A sample whose norm is inf/NaN has no clipped gradient: nonfinite="refuse" raises
+    PrivacyError when the backward runs (nothing reaches .grad); "drop" gives it R = 0.
+    """
 
     def clip(bref, token, *group_sq):
         norms = torch.stack(group_sq).sqrt()
         if mean:  # the output gradient carried 1/B: undo it to clip grad L_i itself
             norms = norms * bref.shape[0]
         factor = torch.stack([(c / (n + 1e-6)).clamp(max=1.0) for c, n in zip(thresholds, norms)])
-        return ops.record_norms(norms.square().sum(0).sqrt(), factor, token)
+        total = norms.square().sum(0).sqrt()
+        if nonfinite == "drop":
+            factor = torch.where(torch.isfinite(total), factor, torch.zeros_like(factor))
+            return ops.record_norms(total, factor, token)
+        return ops.refuse_nonfinite(total, ops.record_norms(total, factor, token))
 
     return clip
 
@@ -180,8 +189,10 @@ def rewrite_joint_graph(graph: fx.Graph) -> RewriteReport | None:
     if not inputs or not outputs or not grads_in:
         raise PrivacyError(GRAPH_BREAK)
     spec = _read_spec(outputs)
-    params = dict(zip(outputs[0].args[1], spec["names"]))
+    outputs_params = outputs[0].args[1]
+    params = dict(zip(outputs_params, spec["names"]))
     batch_nodes = [m.args[0] for m in inputs]
+    model_outputs = [m.args[0] for m in outputs]
     seeds = [m.args[0] for m in grads_in]
     for marker in inputs + outputs + grads_in:
         _remove(marker)
@@ -197,6 +208,10 @@ def rewrite_joint_graph(graph: fx.Graph) -> RewriteReport | None:
     B = bref.meta["val"].shape[0]
     seeds_layout = {n: Layout(0) for n in batch_nodes + seeds}
     layouts = analyze(graph, seeds_layout, B)
+    _check_batch_sizes(batch_nodes, model_outputs, B)
+    if not (isinstance(B, int) and B == 0):  # no samples, nothing to mix (and all-zero gradients)
+        check_batch_independence(graph, layouts, model_region(batch_nodes, model_outputs))
+    check_no_batch_state(graph, layouts, list(outputs_params), spec["names"])
     builder = GraphBuilder(graph, output)
     ctx = Context(graph, builder, layouts, bref, seeds)
     for s in seeds:
@@ -238,7 +253,8 @@ def rewrite_joint_graph(graph: fx.Graph) -> RewriteReport | None:
     groups = sorted(norm_terms)
     group_sq = [builder.call(lambda *ts: sum(ts), *norm_terms[g]) for g in groups]
     thresholds = [spec["thresholds"][g] for g in groups]
-    factors = builder.call(_clip_fn(thresholds, spec["mean"]), bref, spec["token"], *group_sq)
+    factors = builder.call(_clip_fn(thresholds, spec["mean"], spec["nonfinite"]), bref, spec["token"],
+                           *group_sq)
     clip_of = {g: builder.call(_row(i), factors) for i, g in enumerate(groups)}
 
     new_outputs = list(output.args[0])
@@ -254,6 +270,8 @@ def rewrite_joint_graph(graph: fx.Graph) -> RewriteReport | None:
         want = old.meta["val"]
         if new.meta["val"].dtype != want.dtype or not same_shape(new.meta["val"].shape, want.shape):
             new = builder.call(lambda t: t.to(want.dtype).reshape(want.shape), new)
+        if spec["nonfinite"] == "drop":  # 0 * inf is NaN: never let it reach .grad silently
+            new = builder.call(lambda t: ops.require_finite(t, name), new)
         new.meta["fxclip"] = {"param": name, "role": "reweight"}
         new_outputs[grad_slots[param]] = new
     output.args = (tuple(new_outputs),) + tuple(output.args[1:])
@@ -261,6 +279,21 @@ def rewrite_joint_graph(graph: fx.Graph) -> RewriteReport | None:
     check_coverage(graph, params, set(batch_nodes))
     graph.lint()
     return _report(graph, spec, params, routes, B)
+
+
+def _check_batch_sizes(batch_nodes, model_outputs, B) -> None:
+    """Every marked input and output has the batch size of the first input in dim 0."""
+    for kind, nodes in (("input", batch_nodes), ("output", model_outputs)):
+        for node in nodes:
+            shape = node.meta["val"].shape
+            if len(shape) == 0 or not known_equal(shape[0], B):
+                size = "no batch dimension (a 0-d tensor)" if len(shape) == 0 else f"batch size {shape[0]}"
+                raise PrivacyError(
+                    f"a model {kind} has {size} but the first input has batch size {B}: every "
+                    "tensor input and output of a privatized model must hold one row per sample "
+                    "in dim 0. Pass per-sample tensors (shared constants belong in the module as "
+                    "buffers), and return per-sample outputs (compute the loss outside the model)."
+                )
 
 
 def _empty_batch(graph, builder, params, grad_slots, bref, token) -> None:
@@ -289,6 +322,8 @@ def check_coverage(graph: fx.Graph, params: dict, batch_inputs: set) -> None:
     of a model input; anything else would leave the graph unclipped."""
     output = graph.output_node()
     placeholders = {input_index(n): n for n in graph.nodes if n.op == "placeholder"}
+    # a clipped gradient is computed from the clip factors R (the recorded-norms op's output)
+    clipped = _descendants(_markers(graph, ops.RECORD_NORMS))
     for pos, (kind, idx) in enumerate(output_descriptors(output)):
         node = output.args[0][pos]
         if kind != "grad" or node is None:
@@ -298,6 +333,11 @@ def check_coverage(graph: fx.Graph, params: dict, batch_inputs: set) -> None:
             continue
         tag = node.meta.get("fxclip", {})
         name = params.get(source)
+        if name is not None and tag.get("role") == "reweight" and node not in clipped:
+            raise PrivacyError(
+                f"internal error, refused: the gradient of parameter {name!r} does not depend on "
+                "the clip factors, so it would reach .grad unclipped. Please report this model."
+            )
         if tag.get("role") != "reweight" or tag.get("param") != name:
             what = f"parameter {name!r}" if name else f"graph input {source.name}"
             raise PrivacyError(

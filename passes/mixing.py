@@ -1,0 +1,141 @@
+"""Batch independence: refuse any forward op that lets one sample's data reach another's output.
+
+Per-sample clipping bounds each sample's influence on the summed gradient only if sample i's
+gradient depends on sample i alone. An op that combines samples in the model's forward
+(BatchNorm in training, `x.mean(0)`, a cumsum or sort over the batch, a matmul contracting it)
+voids that, whatever the rules compute, so the pass refuses such graphs.
+
+Policy, over the model's forward (nodes computed from the marked inputs that feed the marked
+outputs; a loss computed after the model may combine samples freely):
+
+- MIXED (a layout rule saw the batch combined): refused, naming the op and the module.
+- UNKNOWN (no layout rule for the op, or a rule that could not place the batch): refused too.
+  Only ops with a rule in passes/layout.py count as per-sample: pointwise ops, views, and the
+  ops registered there (convolution, group/layer norm, attention, pooling, embedding, ...).
+  An op that keeps the batch size in dim 0 is NOT assumed to keep samples apart (a cumsum or a
+  sort over dim 0 does that too). `fxclip.passes.layout.register_per_sample(op)` declares an
+  op that treats dim 0 sample by sample.
+- Sizes (sym_size) of batched tensors carry no sample's values and are ignored.
+
+Also refused: a trainable parameter modified in place inside the forward, and a buffer
+written from the batch inside the forward (e.g. running statistics): both carry unclipped
+sample data out of the step.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from .errors import PrivacyError
+from .layout import MIXED, UNKNOWN
+
+aten = torch.ops.aten
+
+NORM_HINT = (
+    "BatchNorm in training mode normalizes each sample with statistics of the whole batch. Use "
+    "GroupNorm or LayerNorm instead (opacus.validators.ModuleValidator.fix(model) does the swap), "
+    "or keep BatchNorm in eval mode (model.eval() on it: frozen running statistics)."
+)
+GENERIC_HINT = (
+    "Each sample's output must depend on that sample alone: compute such batch-level terms "
+    "outside the privatized model (e.g. in the loss), or over a non-batch dimension."
+)
+UNKNOWN_HINT = (
+    "fxclip has no batch-layout rule for this op, so it cannot prove the op keeps samples apart. "
+    "Express it with supported ops; if it treats dim 0 of its inputs sample by sample, declare it "
+    "with fxclip.passes.layout.register_per_sample(torch.ops.{op})."
+)
+
+
+def model_region(batch_inputs, model_outputs) -> set:
+    """Forward nodes between the marked inputs and the marked outputs (both included)."""
+    ahead: set = set()
+    stack = list(batch_inputs)
+    while stack:
+        node = stack.pop()
+        if node not in ahead:
+            ahead.add(node)
+            stack.extend(node.users)
+    region: set = set()
+    stack = [o for o in model_outputs if o in ahead]
+    while stack:
+        node = stack.pop()
+        if node not in region and node in ahead:
+            region.add(node)
+            stack.extend(node.all_input_nodes)
+    return region
+
+
+def module_path(node: fx.Node) -> tuple[str, str]:
+    """(user's module path, module class name) of the node, "" where unknown."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return "", ""
+    path, cls = list(stack.values())[-1]
+    from .rewrite import _clean_module_path
+
+    name = cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
+    return _clean_module_path(path), name.rsplit(".", 1)[-1]
+
+
+def _op_name(node: fx.Node) -> str:
+    return str(node.target).replace("aten.", "aten::", 1) if node.op == "call_function" else node.name
+
+
+def _where(node: fx.Node) -> str:
+    path, cls = module_path(node)
+    if path or cls:
+        return f" in module '{path or '<root>'}'" + (f" ({cls})" if cls else "")
+    return " in the model's forward (not inside a submodule)"
+
+
+def check_batch_independence(graph: fx.Graph, layouts: dict, model_nodes: set) -> None:
+    """Raise PrivacyError at the first forward op of the model that mixes samples, or whose
+    batch handling the layout analysis cannot prove per-sample (see the module docstring)."""
+    for node in graph.nodes:
+        if node not in model_nodes or node.op != "call_function":
+            continue
+        lay = layouts.get(node)
+        if lay is not MIXED and lay is not UNKNOWN:
+            continue
+        inputs = [layouts.get(a) for a in node.all_input_nodes]
+        if any(i is MIXED or i is UNKNOWN for i in inputs):
+            continue  # not the origin; the origin comes first in graph order
+        path, cls = module_path(node)
+        if lay is MIXED:
+            hint = NORM_HINT if "BatchNorm" in cls or "batch_norm" in str(node.target) else GENERIC_HINT
+            raise PrivacyError(
+                f"{_op_name(node)}{_where(node)} mixes samples: it combines values across the batch "
+                f"dimension, so one sample's data would reach other samples' gradients and "
+                f"per-sample clipping would not bound its influence. {hint}"
+            )
+        op = str(node.target).replace("aten.", "aten.", 1)
+        raise PrivacyError(
+            f"{_op_name(node)}{_where(node)}: fxclip cannot prove that this op keeps samples "
+            f"independent (batch layout unknown). " + UNKNOWN_HINT.format(op=op)
+        )
+
+
+def check_no_batch_state(graph: fx.Graph, layouts: dict, param_nodes: list, names: list) -> None:
+    """Refuse parameters modified in place in the forward and buffers written from the batch."""
+    for node, name in zip(param_nodes, names):
+        if node.op != "placeholder":
+            raise PrivacyError(
+                f"parameter '{name}' is modified in place inside the privatized model's forward "
+                "(e.g. `with torch.no_grad(): self.weight.mul_(...)`). Such updates bypass "
+                "clipping and noise. Change parameters only outside the forward (in the optimizer "
+                "step), or compute a new tensor from the parameter instead "
+                "(torch.nn.utils.parametrize)."
+            )
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target != aten.copy_.default:
+            continue
+        dst, src = node.args[:2]
+        if dst.op == "placeholder" and src in layouts:
+            path, _ = module_path(node)
+            raise PrivacyError(
+                f"a buffer{(' of ' + repr(path)) if path else ''} ({dst.name}) is written inside "
+                "the forward from the batch's values (like BatchNorm's running statistics). It "
+                "would carry statistics of the samples out of the step without clipping or "
+                "noise. Keep such modules in eval mode, or update the buffer outside the model."
+            )
