@@ -38,6 +38,7 @@ from .configs import ALL_CONFIGS, CONFIGS
 from .models import MODELS
 
 HERE = Path(__file__).resolve().parent
+WORKDIR = [str(HERE.parent)]  # where workers run (a source snapshot, see _snapshot)
 RESULTS = HERE / "results"
 
 
@@ -64,7 +65,7 @@ def _worker(args: list[str], env: dict, log, timeout: float, on_line=None) -> di
     log.flush()
     t0 = time.time()
     try:
-        p = subprocess.Popen(cmd, env=env, cwd=str(HERE.parent), stdout=subprocess.PIPE,
+        p = subprocess.Popen(cmd, env=env, cwd=WORKDIR[0], stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, bufsize=1)
         tail = []
         for line in p.stdout:
@@ -91,6 +92,36 @@ def _worker(args: list[str], env: dict, log, timeout: float, on_line=None) -> di
         for f in (out, out + ".partial"):
             if os.path.exists(f):
                 os.unlink(f)
+
+
+def _git_state() -> dict:
+    """Commit of the measured fxclip, and whether fxclip/ or passes/ had uncommitted changes."""
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=str(HERE.parent), capture_output=True, text=True,
+                                  timeout=30).stdout.rstrip()
+        except Exception:
+            return ""
+    dirty = git("status", "--porcelain", "--", "fxclip", "passes")
+    return {"commit": git("rev-parse", "--short", "HEAD").strip(),
+            "uncommitted_fxclip_changes": [l[3:] for l in dirty.splitlines() if not l.startswith("??")]}
+
+
+def _snapshot(rev: str) -> tuple[str, dict]:
+    """Export fxclip/ and passes/ at git revision ``rev`` into a temporary folder laid out as the
+    installed package (fxclip/passes/...), so the sweep measures one fixed version of fxclip even
+    while the working tree changes. Returns (folder for PYTHONPATH, code state)."""
+    d = tempfile.mkdtemp(prefix="fxclip-bench-src-")
+    arch = subprocess.run(["git", "archive", rev, "fxclip", "passes"], cwd=str(HERE.parent),
+                          capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", d], input=arch, check=True)
+    shutil.move(os.path.join(d, "passes"), os.path.join(d, "fxclip", "passes"))
+    # the workers run from this folder (python -m puts the cwd first on sys.path), with a copy of
+    # bench/ so that `import fxclip` finds the snapshot, not the working tree
+    shutil.copytree(HERE, os.path.join(d, "bench"), ignore=shutil.ignore_patterns("results", "__pycache__", "*.md"))
+    commit = subprocess.run(["git", "rev-parse", "--short", rev], cwd=str(HERE.parent),
+                            capture_output=True, text=True).stdout.strip()
+    return d, {"commit": commit, "source": f"git archive {rev} (committed code only)"}
 
 
 def main(argv=None):
@@ -120,6 +151,9 @@ def main(argv=None):
     ap.add_argument("--out", default=str(RESULTS), help="results folder")
     ap.add_argument("--tag", default="", help="suffix for result files (e.g. 'quick')")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--fxclip-rev", default="HEAD",
+                    help="measure fxclip as committed at this git revision (default HEAD); "
+                         "'worktree' measures the working tree as it is (may change during the sweep)")
     a = ap.parse_args(argv)
 
     out_dir = Path(a.out)
@@ -138,6 +172,13 @@ def main(argv=None):
 
     cache = a.cache_dir or tempfile.mkdtemp(prefix="fxclip-bench-inductor-")
     env = _env(cache, a.threads)
+    src = None
+    if a.fxclip_rev == "worktree":
+        code = _git_state()
+    else:
+        src, code = _snapshot(a.fxclip_rev)
+        env["PYTHONPATH"] = src + os.pathsep + env["PYTHONPATH"]
+        WORKDIR[0] = src
     log_path = out_dir / f"run{('-' + tag) if tag else ''}.log"
     do_mem = not (a.no_mem or a.check_only)
     do_time = not (a.no_time or a.check_only)
@@ -165,6 +206,7 @@ def main(argv=None):
             import torch
             torch.manual_seed(0)
             res["n_params"] = n_params(MODELS[m].build())
+            res["code"] = code
             res.setdefault("mem", {})
             res.setdefault("time", {})
             if do_time:
@@ -215,6 +257,8 @@ def main(argv=None):
             path.write_text(json.dumps(res, indent=1))
     if not a.cache_dir:
         shutil.rmtree(cache, ignore_errors=True)
+    if src:
+        shutil.rmtree(src, ignore_errors=True)
     print(f"sweep took {time.time() - t_start:.0f} s; log: {log_path}")
     if not tag:
         report.write_all(out_dir, HERE / "RESULTS.md")

@@ -53,9 +53,10 @@ def _errors_for(r, bs, c):
 
 def model_table(r) -> list[str]:
     lines = [
-        "| B | configuration | step ms (median) | ratio to plain compiled | peak RSS growth MB (steady) "
-        "| peak RSS growth MB (incl. compile) | peak RSS MB | compile s (first step, cold) |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| B | configuration | step ms (median) | ratio to plain compiled | step ms (min) | ratio (min) "
+        "| peak RSS growth MB (steady) | peak RSS growth MB (incl. compile) | peak RSS MB "
+        "| compile s (first step, cold) |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     notes: dict = {}  # (config, error) -> [note number, [batch sizes]]
 
@@ -75,21 +76,23 @@ def model_table(r) -> list[str]:
             if t is None and m is None:
                 continue
             if t and t.get("error"):
-                tcells = [note(c, bs, t["error"]), "", ""]
+                tcells = [note(c, bs, t["error"]), "", "", "", ""]
             else:
                 ratio = _cell(t, "ratio", "{:.2f}x")
                 if c == BASELINE and t and "ratio" in t:
                     ratio = "1.00 (baseline)"
+                base_min = r.get("time", {}).get(bs, {}).get(BASELINE, {}).get("min_ms")
+                rmin = f"{t['min_ms'] / base_min:.2f}x" if t and "min_ms" in t and base_min else "—"
                 tcells = [_cell(t, "median_ms", "{:.1f}"), ratio,
-                          _cell(t, "first_step_s_in_process", "{:.2f}")]
+                          _cell(t, "first_step_s_in_process", "{:.2f}"), _cell(t, "min_ms", "{:.1f}"), rmin]
             if m and m.get("error"):
                 same = t and t.get("error") == m["error"]
                 mcells = ["" if same else note(c, bs, m["error"]), "", ""]
             else:
                 mcells = [_cell(m, "steady_peak_growth_mb", "{:.0f}"), _cell(m, "peak_growth_mb", "{:.0f}"),
                           _cell(m, "peak_rss_mb", "{:.0f}")]
-            lines.append(f"| {bs} | {CONFIGS[c].label} | {tcells[0]} | {tcells[1]} | {mcells[0]} | "
-                         f"{mcells[1]} | {mcells[2]} | {tcells[2]} |")
+            lines.append(f"| {bs} | {CONFIGS[c].label} | {tcells[0]} | {tcells[1]} | {tcells[3]} | "
+                         f"{tcells[4]} | {mcells[0]} | {mcells[1]} | {mcells[2]} | {tcells[2]} |")
     if notes:
         lines.append("")
         for (c, err), (i, bss) in notes.items():
@@ -124,8 +127,9 @@ def check_table(r) -> list[str]:
 
 def summary(res) -> list[str]:
     lines = [
-        "| model | B | fxclip compiled / plain compiled (time) | fxclip compiled / plain compiled (steady peak RSS growth) "
-        "| Opacus ghost / fxclip compiled (time) | fxclip eager / plain eager (time) |",
+        "| model | B | fxclip compiled / plain compiled: time, median (min) "
+        "| fxclip compiled / plain compiled: steady peak RSS growth "
+        "| Opacus ghost / fxclip compiled: time, median (min) | fxclip eager / plain eager: time, median (min) |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for m, r in res.items():
@@ -135,6 +139,9 @@ def summary(res) -> list[str]:
 
             def ms(c):
                 return t.get(c, {}).get("median_ms")
+
+            def mn(c):
+                return t.get(c, {}).get("min_ms")
 
             def mem(c):
                 return mm.get(c, {}).get("steady_peak_growth_mb")
@@ -146,11 +153,17 @@ def summary(res) -> list[str]:
                     return "error"
                 return "—"
 
+            def both(a, b):
+                x = ratio(ms(a), ms(b), a if a.startswith("fx") else b)
+                if x in ("error", "—"):
+                    return ratio(ms(a), ms(b), b) if x == "—" else x
+                return f"{x} ({ratio(mn(a), mn(b))})"
+
             lines.append(
-                f"| {m} | {bs} | {ratio(ms('fxclip_compiled'), ms('plain_compiled'), 'fxclip_compiled')} | "
+                f"| {m} | {bs} | {both('fxclip_compiled', 'plain_compiled')} | "
                 f"{ratio(mem('fxclip_compiled'), mem('plain_compiled'), 'fxclip_compiled')} | "
-                f"{ratio(ms('opacus_ghost'), ms('fxclip_compiled'), 'opacus_ghost')} | "
-                f"{ratio(ms('fxclip_eager'), ms('plain_eager'), 'fxclip_eager')} |"
+                f"{both('opacus_ghost', 'fxclip_compiled')} | "
+                f"{both('fxclip_eager', 'plain_eager')} |"
             )
     return lines
 
@@ -268,6 +281,12 @@ def write_all(out_dir: Path, md_path: Path, tag: str = ""):
         warmup=s.get("warmup", 2), rounds=s.get("rounds", 7), target_s=s.get("target_s", 0.25),
         mem_steps=s.get("mem_steps", 3), max_inst_gb=s.get("max_inst_gb", 10),
     )]
+    code = any_r.get("code")
+    if code:
+        dirty = code.get("uncommitted_fxclip_changes") or []
+        parts += [f"fxclip measured at commit `{code.get('commit')}`"
+                  + (f" ({code['source']})" if code.get("source") else "")
+                  + (f" with uncommitted changes in {', '.join(dirty)}" if dirty else "") + ".", ""]
     parts += ["## Summary", "", "Goals (issue 7): fxclip compiled <= 1.15x plain compiled in time and "
               "peak memory; >= 2x faster than Opacus ghost.", ""] + summary(res) + [""]
     for m, r in res.items():
