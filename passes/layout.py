@@ -307,6 +307,12 @@ def _register(rule, *ops):
             LAYOUT_RULES[op] = rule
 
 
+def _one(lays):
+    """The layout all of `lays` share, else None (lists: symbolic layouts are unhashable)."""
+    lays = list(lays)
+    return lays[0] if lays and all(l == lays[0] for l in lays[1:]) else None
+
+
 def _dim(d, ndim):
     return d % ndim if ndim else 0
 
@@ -331,10 +337,9 @@ def _along(mixed_dims_of):
     and keeps every other dim in place (all batched inputs share one layout)."""
 
     def rule(node, layouts, B):
-        lays = {layouts[a] for a in node.all_input_nodes if a in layouts}
-        if len(lays) != 1:
+        lay = _one(layouts[a] for a in node.all_input_nodes if a in layouts)
+        if lay is None:
             return None
-        lay = lays.pop()
         ndim = len(_shape(node.args[0]) or ())
         if lay.dim in {_dim(d, ndim) for d in mixed_dims_of(node, ndim)}:
             return MIXED
@@ -415,10 +420,9 @@ def _split(node, layouts, B):
 
 @layout_rule(aten.cat.default)
 def _cat(node, layouts, B):
-    lays = {layouts[t] for t in node.args[0] if t in layouts}
-    if len(lays) != 1:
+    lay = _one(layouts[t] for t in node.args[0] if t in layouts)
+    if lay is None:
         return None
-    lay = lays.pop()
     if _dim(_arg(node, 1, "dim", 0), len(_shape(node))) == lay.dim:
         return MIXED  # joins along the batch: rows are no longer one per sample
     return lay if fits(lay, _shape(node), B) else None
@@ -426,10 +430,9 @@ def _cat(node, layouts, B):
 
 @layout_rule(aten.stack.default)
 def _stack(node, layouts, B):
-    lays = {layouts[t] for t in node.args[0] if t in layouts}
-    if len(lays) != 1:
+    lay = _one(layouts[t] for t in node.args[0] if t in layouts)
+    if lay is None:
         return None
-    lay = lays.pop()
     d = _dim(_arg(node, 1, "dim", 0), len(_shape(node)))
     return Layout(lay.dim + (1 if d <= lay.dim else 0), lay.outer, lay.inner)
 
@@ -449,10 +452,9 @@ def _index_select(node, layouts, B):
 @layout_rule(aten.gather.default)
 def _gather(node, layouts, B):
     x, d, index = node.args[:3]
-    lays = {layouts[a] for a in (x, index) if a in layouts}
-    if len(lays) != 1:
+    lay = _one(layouts[a] for a in (x, index) if a in layouts)
+    if lay is None:
         return None
-    lay = lays.pop()
     if x in layouts and _dim(d, len(_shape(x))) == lay.dim:
         return MIXED  # reads other samples' values
     return lay if fits(lay, _shape(node), B) else None
@@ -491,8 +493,9 @@ def _index(node, layouts, B):
 def _as_strided(node, layouts, B):
     """A strided view inside each sample's slice of a contiguous dim-0 batch keeps samples apart."""
     x = node.args[0]
-    size, stride = list(node.args[1]), list(node.args[2])
-    offset = _arg(node, 3, "storage_offset", 0) or 0
+    sym = lambda v: v.meta.get("val") if isinstance(v, fx.Node) else v  # noqa: E731
+    size, stride = [sym(v) for v in node.args[1]], [sym(v) for v in node.args[2]]
+    offset = sym(_arg(node, 3, "storage_offset", 0)) or 0
     xv = x.meta.get("val")
     if layouts[x] != Layout(0) or not size or not isinstance(xv, torch.Tensor) or not xv.is_contiguous():
         return None
@@ -553,16 +556,16 @@ def _trilinear(node, layouts, B):
     its expand dims, the three are multiplied, and `sumdim` is summed (nn.Bilinear)."""
     inputs, expands, sumdim = node.args[:3], node.args[3:6], set(node.args[6])
     ndim = len(_shape(inputs[0])) + len(expands[0])
-    placed = set()
+    placed = []
     for x, expand in zip(inputs, expands):
         if x not in layouts:
             continue
         lay = layouts[x]
         kept = [d for d in range(ndim) if d not in set(expand)]
-        placed.add(Layout(kept[lay.dim], lay.outer, lay.inner))
-    if len(placed) != 1:
+        placed.append(Layout(kept[lay.dim], lay.outer, lay.inner))
+    lay = _one(placed)
+    if lay is None:
         return None
-    lay = placed.pop()
     if lay.dim in sumdim:
         return MIXED
     return Layout(lay.dim - sum(1 for d in sumdim if d < lay.dim), lay.outer, lay.inner)
