@@ -97,7 +97,7 @@ class PrivatizedModule(nn.Module):
                 self.loss_reduction == "mean", self.nonfinite)
         args, kwargs = tree_map(_mark_input, (args, kwargs))
         out = self.module(*args, **kwargs)
-        return tree_map(lambda y: ops.batch_output(_check_output(y), params, *spec) if _is_float(y) else y,
+        return tree_map(lambda y: ops.batch_output(y, params, *spec) if _is_float(y) else y,
                         out)
 
 
@@ -172,16 +172,6 @@ def _check_inputs(args, kwargs, check_sizes: bool) -> None:
             "the inputs' batch sizes disagree: " + ", ".join(f"input {i}: {s}" for i, s in sizes)
             + ". Every tensor input must hold one row per sample in dim 0, all with the same number "
             "of samples; pass shared tensors (masks, tables) as module buffers instead.")
-
-
-def _check_output(y):
-    if y.dim() == 0:
-        raise PrivacyError(
-            "the privatized model returned a 0-d tensor (e.g. a mean loss computed inside the "
-            "model): per-sample clipping needs one output row per sample. Return per-sample "
-            "outputs (logits, or unreduced per-sample losses of shape (B,)) and reduce them "
-            "outside the model with the reduction given as loss_reduction.")
-    return y
 
 
 class _NoDoubleBackward(torch.autograd.Function):

@@ -354,7 +354,7 @@ _register(_along(lambda n, nd: [_arg(n, 1, "dim", -1)]),
           aten._log_softmax.default, aten.sort.default, aten.argsort.default)
 _register(_along(lambda n, nd: [n.kwargs.get("dim", -1)]), aten.sort.stable, aten.argsort.stable)
 _register(_along(lambda n, nd: [_arg(n, 2, "dim", -1)]), aten.topk.default, aten.kthvalue.default)
-_register(_along(lambda n, nd: _as_list(n.args[1])), aten.flip.default)
+_register(_along(lambda n, nd: _as_list(n.args[1])), aten.flip.default, torch.ops.prims.rev.default)
 _register(_along(lambda n, nd: _as_list(_arg(n, 2, "dims", [])) or range(nd)), aten.roll.default)
 # padding changes the size of the padded dims: padding the batch adds samples
 _register(_along(lambda n, nd: [nd - 1 - i // 2 for i, p in enumerate(n.args[1]) if p != 0]),

@@ -206,9 +206,9 @@ def rewrite_joint_graph(graph: fx.Graph) -> RewriteReport | None:
 
     bref = batch_nodes[0]
     B = bref.meta["val"].shape[0]
+    _check_batch_sizes(batch_nodes, model_outputs, B)
     seeds_layout = {n: Layout(0) for n in batch_nodes + seeds}
     layouts = analyze(graph, seeds_layout, B)
-    _check_batch_sizes(batch_nodes, model_outputs, B)
     if not (isinstance(B, int) and B == 0):  # no samples, nothing to mix (and all-zero gradients)
         check_batch_independence(graph, layouts, model_region(batch_nodes, model_outputs))
     check_no_batch_state(graph, layouts, list(outputs_params), spec["names"])
@@ -287,12 +287,14 @@ def _check_batch_sizes(batch_nodes, model_outputs, B) -> None:
         for node in nodes:
             shape = node.meta["val"].shape
             if len(shape) == 0 or not known_equal(shape[0], B):
-                size = "no batch dimension (a 0-d tensor)" if len(shape) == 0 else f"batch size {shape[0]}"
+                size = ("no batch dimension (a 0-d tensor, e.g. a mean loss computed inside the "
+                        "model)") if len(shape) == 0 else f"batch size {shape[0]}"
                 raise PrivacyError(
                     f"a model {kind} has {size} but the first input has batch size {B}: every "
                     "tensor input and output of a privatized model must hold one row per sample "
                     "in dim 0. Pass per-sample tensors (shared constants belong in the module as "
-                    "buffers), and return per-sample outputs (compute the loss outside the model)."
+                    "buffers), and return per-sample outputs (logits, or unreduced losses of shape "
+                    "(B,)), reducing them outside the model as loss_reduction says."
                 )
 
 
