@@ -288,9 +288,9 @@ def _check_batch_sizes(batch_nodes, model_outputs, B) -> None:
             shape = node.meta["val"].shape
             if len(shape) == 0 or not known_equal(shape[0], B):
                 size = ("no batch dimension (a 0-d tensor, e.g. a mean loss computed inside the "
-                        "model)") if len(shape) == 0 else f"batch size {shape[0]}"
+                        "model)") if len(shape) == 0 else f"batch size {_hint(shape[0])}"
                 raise PrivacyError(
-                    f"a model {kind} has {size} but the first input has batch size {B}: every "
+                    f"a model {kind} has {size} but the first input has batch size {_hint(B)}: every "
                     "tensor input and output of a privatized model must hold one row per sample "
                     "in dim 0. Pass per-sample tensors (shared constants belong in the module as "
                     "buffers), and return per-sample outputs (logits, or unreduced losses of shape "
