@@ -209,7 +209,9 @@ def rewrite_joint_graph(graph: fx.Graph) -> RewriteReport | None:
     _check_batch_sizes(batch_nodes, model_outputs, B)
     seeds_layout = {n: Layout(0) for n in batch_nodes + seeds}
     layouts = analyze(graph, seeds_layout, B)
-    if not (isinstance(B, int) and B == 0):  # no samples, nothing to mix (and all-zero gradients)
+    # a graph specialized to B <= 1 (sizes 0 and 1 are always specialized) has no two samples to
+    # mix: with B = 0 every gradient is zero, with B = 1 "x.mean(0)" is the sample itself
+    if not (isinstance(B, int) and B <= 1):
         check_batch_independence(graph, layouts, model_region(batch_nodes, model_outputs))
     check_no_batch_state(graph, layouts, list(outputs_params), spec["names"])
     builder = GraphBuilder(graph, output)
