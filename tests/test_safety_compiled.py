@@ -101,14 +101,11 @@ def test_compiled_nonfinite_sample_refuses_and_double_backward_fails_loudly():
     with pytest.raises(fxclip.PrivacyError, match=r"sample\(s\) \[2\].*non-finite"):
         (cpm(x) - y).square().sum(1).mean().backward()
     assert all(p.grad is None for p in model.parameters())
-    # double backward: torch's compiled autograd refuses the second backward itself
+    # double backward: torch's compiled backward refuses create_graph=True itself (donated buffers)
     y[2] = 0.0
-    (cpm(x) - y).square().sum(1).mean().backward(create_graph=True)
-    expected, _ = per_sample_reference(model, (x,), y, lambda o, t: (o - t).square().sum(), 1.0)
-    for n, p in model.named_parameters():
-        torch.testing.assert_close(p.grad.detach(), expected[n])
-    with pytest.raises(RuntimeError, match="double backward"):
-        model[0].weight.grad.sum().backward()
+    with pytest.raises(RuntimeError, match="create_graph"):
+        (cpm(x) - y).square().sum(1).mean().backward(create_graph=True)
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
 
 
 CACHE_SCRIPT = textwrap.dedent("""
