@@ -26,6 +26,7 @@ class GraphBuilder:
         with self.fake_mode:
             # the same decompositions as the rest of the graph, so Inductor can lower every node
             traced = make_fx(fn, tracing_mode="real", decomposition_table=_decompositions())(*values)
+        _materialize_scatter_targets(traced.graph)
         env: dict[fx.Node, fx.Node] = {}
         placeholders = iter(inputs)
         result = None
@@ -42,6 +43,28 @@ class GraphBuilder:
                     env[node] = new
         flat, spec = tree_flatten(result)
         return tree_unflatten([env[n] if isinstance(n, fx.Node) else n for n in flat], spec)
+
+
+_SCATTERS = {torch.ops.aten.index_put.default, torch.ops.aten._unsafe_index_put.default,
+             torch.ops.aten.scatter_add.default, torch.ops.aten.scatter.src,
+             torch.ops.aten.scatter_reduce.two}
+
+
+def _materialize_scatter_targets(graph: fx.Graph) -> None:
+    """Give scatters a real buffer to write into, never an expanded (aliased) view.
+
+    vmap batches `index_put(zeros, ...)` as `index_put(zeros.expand(B, ...), ...)`; Inductor
+    then accumulated every sample into the one shared buffer. A clone makes B buffers.
+    """
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target in _SCATTERS:
+            target = node.args[0]
+            if isinstance(target, fx.Node) and target.target == torch.ops.aten.expand.default:
+                with graph.inserting_before(node):
+                    copy = graph.call_function(torch.ops.aten.clone.default, (target,),
+                                               {"memory_format": torch.contiguous_format})
+                copy.meta["val"] = target.meta["val"].clone(memory_format=torch.contiguous_format)
+                node.replace_input_with(target, copy)
 
 
 _decomps = None

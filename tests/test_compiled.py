@@ -147,3 +147,30 @@ def test_plain_and_private_copies_never_share_a_cached_graph(tmp_path):
         done = subprocess.run([sys.executable, str(script), order], env=env, capture_output=True,
                               text=True, timeout=600)
         assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
+
+
+class TiedTokens(nn.Module):
+    """A tied embedding / LM head and a bilinear layer: scatters and fallback under Inductor."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 4)
+        self.mix = nn.Bilinear(4, 4, 4)
+        self.head = nn.Linear(4, 11, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        h = torch.tanh(self.emb(ids))
+        return self.head(self.mix(h, h))
+
+
+def test_compiled_scatter_and_fallback_gradients_are_exact():
+    model = TiedTokens().double()
+    cpm = torch.compile(fxclip.privatize(model, max_grad_norm=0.3))
+    ids = torch.randint(0, 11, (5, 3))
+    y = torch.randn(5, 3, 11, dtype=torch.float64)
+    expected, norms = per_sample_reference(model, (ids,), y, sq_loss, 0.3)
+    (cpm(ids) - y).square().sum((1, 2)).mean().backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], atol=1e-10, rtol=1e-7)
+    torch.testing.assert_close(cpm.per_sample_norms, norms)
