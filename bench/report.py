@@ -154,17 +154,24 @@ def summary(res) -> list[str]:
                 return "—"
 
             def both(a, b):
-                x = ratio(ms(a), ms(b), a if a.startswith("fx") else b)
-                if x in ("error", "—"):
-                    return ratio(ms(a), ms(b), b) if x == "—" else x
-                return f"{x} ({ratio(mn(a), mn(b))})"
+                for c in (a, b):
+                    if ms(c) is None and _errors_for(r, bs, c):
+                        return f"{CONFIGS[c].label}: error"
+                if ms(a) is None or not ms(b):
+                    return "—"
+                x = f"{ms(a) / ms(b):.2f}x ({mn(a) / mn(b):.2f}x)"
+                noisy = any(ms(c) > 1.5 * mn(c) for c in (a, b))
+                return x + (" †" if noisy else "")
 
             lines.append(
                 f"| {m} | {bs} | {both('fxclip_compiled', 'plain_compiled')} | "
-                f"{ratio(mem('fxclip_compiled'), mem('plain_compiled'), 'fxclip_compiled')} | "
+                f"{ratio(mem('fxclip_compiled'), mem('plain_compiled'), 'fxclip_compiled').replace('error', 'fxclip compiled: error')} | "
                 f"{both('opacus_ghost', 'fxclip_compiled')} | "
                 f"{both('fxclip_eager', 'plain_eager')} |"
             )
+    lines += ["", "Ratios: median (min). † marks a pair where a median is > 1.5x its minimum: that "
+              "configuration was disturbed by other processes on the shared 2-core machine during "
+              "timing; the min ratio is then the better estimate."]
     return lines
 
 
@@ -255,6 +262,9 @@ parameters, C = 1.0, no noise, no optimizer step); the plain ones leave the uncl
   trivial compile, so it is charged to no configuration). For the eager configurations it is the
   first eager step (fxclip eager traces and rewrites the graph there). The memory processes run
   after it with a warm cache (their first-step time is in the JSON as `first_step_s`).
+- The 2 cores were shared with other processes (other sessions' test runs) during the sweep:
+  interleaving spreads the disturbance over all configurations, but some medians are far above
+  their minimum (marked † in the summary); the min column is the contention-free estimate.
 - Per-sample-instantiating configurations (Opacus hooks, torch.func) are skipped when B x |params|
   x 4 bytes exceeds {max_inst_gb} GB (`--max-inst-gb`).
 - Opacus runs with `strict=False` (no buffer validation) and an optimizer stand-in that only
