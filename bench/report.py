@@ -294,7 +294,7 @@ def write_all(out_dir: Path, md_path: Path, tag: str = ""):
     code = any_r.get("code")
     if code:
         dirty = code.get("uncommitted_fxclip_changes") or []
-        parts += [f"fxclip measured at commit `{code.get('commit')}`"
+        parts += [f"fxclip measured at commit `{code.get('commit')}` (per model below)"
                   + (f" ({code['source']})" if code.get("source") else "")
                   + (f" with uncommitted changes in {', '.join(dirty)}" if dirty else "") + ".", ""]
     parts += ["## Summary", "", "Goals (issue 7): fxclip compiled <= 1.15x plain compiled in time and "
@@ -306,8 +306,9 @@ def write_all(out_dir: Path, md_path: Path, tag: str = ""):
         except Exception as e:  # a plot must not lose the tables
             print(f"plot {m} failed: {e}")
         rel = png.relative_to(md_path.parent) if png.is_relative_to(md_path.parent) else png
+        code = r.get("code") or {}
         parts += [f"## {m}", "", f"{r.get('description', '')}; {r.get('n_params', 0):,} trainable "
-                  f"parameters. Measured {r.get('date', '?')}.", ""]
+                  f"parameters. Measured {r.get('date', '?')}, fxclip at commit `{code.get('commit', '?')}`.", ""]
         parts += model_table(r) + [""]
         parts += check_table(r)
         parts += [f"![{m}]({rel})", ""]
