@@ -44,10 +44,17 @@ def compile_eager(owner, method: str):
         if report is not None:
             owner._eager_report = report
 
-    # Dynamo caches compiled code per code object; a private copy of the method's code gives
-    # each privatized module its own cache (and its own recompile budget).
+    return _torch.compile_with_backend(own_code(owner, method), _torch.aot_eager_backend(joint_pass))
+
+
+def own_code(owner, method: str):
+    """owner.<method> bound to a private copy of its code object.
+
+    Dynamo caches compiled code per code object, and a recompile limit applies to each: with a
+    copy, every privatized module gets its own cache and budget, instead of all of them
+    sharing (and soon exhausting) the one of PrivatizedModule's methods.
+    """
     fn = getattr(type(owner), method)
     code = fn.__code__.replace(co_name=f"{fn.__name__}_{id(owner):x}")
-    bound = types.MethodType(types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__,
-                                                fn.__closure__), owner)
-    return _torch.compile_with_backend(bound, _torch.aot_eager_backend(joint_pass))
+    return types.MethodType(types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__,
+                                               fn.__closure__), owner)

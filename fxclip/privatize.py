@@ -48,6 +48,7 @@ class PrivatizedModule(nn.Module):
         self.register_buffer("_fxclip_token", torch.zeros(1), persistent=False)
         self._eager = None
         self._eager_report = None
+        self.forward = _compile.own_code(self, "forward")
 
     @property
     def last_report(self):
