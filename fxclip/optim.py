@@ -13,6 +13,7 @@ that makes gradient accumulation exact even when micro-batches differ in size.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections import OrderedDict
@@ -27,8 +28,32 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
-    # torch.compile(pm) returns a wrapper that keeps the original module as _orig_mod
-    return getattr(module, "_orig_mod", module)
+    # torch.compile(pm) returns a wrapper that keeps the original module as _orig_mod;
+    # DistributedDataParallel keeps it as .module
+    while True:
+        if hasattr(module, "_orig_mod"):
+            module = module._orig_mod
+        elif isinstance(module, torch.nn.parallel.DistributedDataParallel):
+            module = module.module
+        else:
+            return module
+
+
+def _is_privatized(m) -> bool:
+    return all(hasattr(m, a) for a in ("max_grad_norm", "loss_reduction", "per_sample_norms"))
+
+
+def _privatized_parts(module: nn.Module) -> list:
+    """The privatized module itself, or the privatized blocks inside a model whose blocks were
+    privatized one by one (fxclip.distributed.privatize_blocks)."""
+    m = _unwrap(module)
+    if _is_privatized(m):
+        return [m]
+    parts = []
+    for sub in m.modules():
+        if _is_privatized(sub) and not any(sub in set(p.modules()) for p in parts):
+            parts.append(sub)
+    return parts
 
 
 def secure_normal(shape, *, dtype=torch.float64) -> torch.Tensor:
@@ -96,20 +121,26 @@ class DPOptimizer(torch.optim.Optimizer):
             raise TypeError("optimizer is already a DPOptimizer; wrap the plain torch optimizer")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        pm = _unwrap(privatized_module)
-        if not all(hasattr(pm, a) for a in ("max_grad_norm", "loss_reduction", "per_sample_norms")):
+        parts = _privatized_parts(privatized_module)
+        if not parts:
             raise TypeError("privatized_module must come from fxclip.privatize(model, ...), "
                             f"got {type(privatized_module).__name__}")
+        if len({p.loss_reduction for p in parts}) > 1:
+            raise ValueError("the privatized blocks disagree on loss_reduction")
+        pm = parts[0] if len(parts) == 1 else _unwrap(privatized_module)
+        # several privatized blocks: a sample's whole gradient has norm <= sqrt(sum_b C_b^2)
+        module_bound = math.sqrt(sum(p.max_grad_norm ** 2 for p in parts))
+        module_reduction = parts[0].loss_reduction
         if noise_multiplier is None or not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
             raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}")
         if isinstance(expected_batch_size, bool) or not isinstance(expected_batch_size, int) \
                 or expected_batch_size <= 0:
             raise ValueError(f"expected_batch_size must be a positive int, got {expected_batch_size!r}")
-        max_grad_norm = pm.max_grad_norm if max_grad_norm is None else float(max_grad_norm)
-        if max_grad_norm < pm.max_grad_norm:
+        max_grad_norm = module_bound if max_grad_norm is None else float(max_grad_norm)
+        if max_grad_norm < module_bound * (1 - 1e-12):
             raise ValueError(f"max_grad_norm={max_grad_norm} is smaller than the module's clipping "
-                             f"bound {pm.max_grad_norm}: the noise would not cover the sensitivity")
-        loss_reduction = pm.loss_reduction if loss_reduction is None else loss_reduction
+                             f"bound {module_bound}: the noise would not cover the sensitivity")
+        loss_reduction = module_reduction if loss_reduction is None else loss_reduction
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
         if sample_rate is not None and not 0 < sample_rate <= 1:
@@ -119,9 +150,9 @@ class DPOptimizer(torch.optim.Optimizer):
         if isinstance(accountant, str):
             accountant = Accountant(accountant)
 
-        module_params = {id(p) for p in pm.parameters()}
+        owner = {id(p): part for part in parts for p in part.parameters()}
         self._params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
-        stray = [i for i, p in enumerate(self._params) if id(p) not in module_params]
+        stray = [i for i, p in enumerate(self._params) if id(p) not in owner]
         if stray:
             raise ValueError(f"{len(stray)} trainable optimizer parameter(s) are not in the privatized "
                              "module: their gradients would be unclipped")
@@ -143,7 +174,9 @@ class DPOptimizer(torch.optim.Optimizer):
         self._steps = 0
         self.last_batch_size = None
         self._reset_batch()
-        self._hooks = [p.register_hook(self._to_sum) for p in self._params]
+        self._parts = parts
+        self._hooks = [p.register_hook(functools.partial(self._part_to_sum, owner[id(p)]))
+                       for p in self._params]
 
     # --- delegate the optimizer state so schedulers and user code see the inner optimizer ---
     @property
@@ -177,18 +210,25 @@ class DPOptimizer(torch.optim.Optimizer):
     def _reset_batch(self):
         self.batch_size = 0  # samples in the current logical batch (sum over micro-batches)
         self.micro_batches = 0
-        self._seen = None
+        self._seen = {}  # privatized part -> norms of its latest backward
+        self._counted = {}  # privatized part -> (samples, backwards) seen in this logical batch
 
     def _to_sum(self, grad: torch.Tensor) -> torch.Tensor:
-        norms = self.module.per_sample_norms
+        return self._part_to_sum(self.module, grad)
+
+    def _part_to_sum(self, part, grad: torch.Tensor) -> torch.Tensor:
+        norms = part.per_sample_norms
         if norms is None:
             raise RuntimeError("a parameter got a gradient but the privatized module recorded no "
                                "per-sample norms: was the loss computed through the privatized module?")
-        if norms is not self._seen:  # first hook of a new backward: count its samples once
-            self._seen = norms
-            self.batch_size += norms.shape[0]
-            self.micro_batches += 1
-        if self.module.loss_reduction == "mean":
+        if norms is not self._seen.get(part):  # first hook of a new backward: count its samples once
+            self._seen[part] = norms
+            b, n = self._counted.get(part, (0, 0))
+            self._counted[part] = (b + norms.shape[0], n + 1)
+            # privatized blocks of one model all see the same samples: count them once
+            self.batch_size = max(v[0] for v in self._counted.values())
+            self.micro_batches = max(v[1] for v in self._counted.values())
+        if part.loss_reduction == "mean":
             b = norms.shape[0]
             # the module divided by this backward's own B; undo it (an empty batch adds nothing)
             return grad * b if b > 0 else torch.zeros_like(grad)

@@ -126,3 +126,14 @@ def compile_with_backend(fn, backend):
             ) from e
 
     return call
+
+
+def no_ddp_graph_split():
+    """Context manager: Dynamo compiles frames inside a DistributedDataParallel forward as ONE
+    graph (torch._dynamo.config.optimize_ddp off), instead of splitting it at DDP's gradient-bucket
+    boundaries, which would leave no single graph holding every parameter's per-sample gradient.
+    DDP then all-reduces after backward as for any module (its C++ reducer, no overlap inside
+    the compiled backward)."""
+    import torch._dynamo.config as _dynamo_config
+
+    return _dynamo_config.patch(optimize_ddp=False)

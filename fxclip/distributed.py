@@ -1,0 +1,442 @@
+"""Data-parallel DP-SGD on torch.distributed: the clipped sum of the union of the ranks' batches,
+noise added once, Poisson sampling per rank, accounting on the global sample rate.
+
+Under data parallelism every sample lives on one rank, so its per-sample norm is computed where
+it lives (one privatized graph per rank, no communication inside the graph); only the clipped
+gradient SUMS are reduced. Three ways to reduce, all with torch.distributed's own collectives:
+
+- plain (recommended): every rank runs the privatized module (eager or torch.compile'd, one
+  graph, no DDP); DistributedDPOptimizer.step() lets rank 0 add the noise to its clipped sum and
+  then all-reduces (SUM) the gradients, Opacus's scheme. One all-reduce per step, after backward.
+- DDP: fxclip.distributed.DistributedDataParallel(pm) -- torch's DDP whose gradient buckets are
+  summed (not averaged) during backward and whose forward keeps the privatized graph whole
+  (torch._dynamo's DDP graph split off for this module only). Every rank then holds the clipped
+  sum; rank 0 draws the noise and broadcasts it, so the replicas stay identical.
+- FSDP2 (torch.distributed.fsdp.fully_shard): gradients are reduce-scattered (summed) during
+  backward; every rank adds noise to the shard it owns, so each coordinate is noised exactly
+  once, by its owner, with a rank-distinct generator.
+
+In all three the noise std on the global sum is sigma * C (not sqrt(world_size) times it) and
+the update is divided by the GLOBAL expected batch size q * N.
+
+Per-block privatization (torchtitan-style per-block compilation, FSDP2 per block): see
+privatize_blocks, which gives each block b a bound C_b with sqrt(sum_b C_b^2) = C.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import default_collate as _default_collate
+
+from .accounting import Accountant, noise_multiplier_for
+from .optim import _LOW_PRECISION, DPOptimizer, _privatized_parts, _unwrap, secure_normal
+from .passes import PrivacyError, _torch
+from .privatize import PrivatizedModule, _clipping_groups, privatize
+from .sampling import _EmptyAwareCollate
+
+__all__ = ["DistributedDataParallel", "DistributedDPOptimizer", "DistributedPoissonBatchSampler",
+           "DistributedPoissonDataLoader", "make_private", "privatize_blocks", "rank_generator"]
+
+
+def _rank_world(group=None) -> tuple[int, int]:
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("fxclip.distributed needs an initialized default process group "
+                           "(torch.distributed.init_process_group, e.g. under torchrun)")
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def rank_generator(generator: torch.Generator | None, rank: int, stream: int = 0) -> torch.Generator:
+    """A generator for `rank` that is independent of every other rank's.
+
+    From `generator`'s seed (reproducible runs) through numpy's SeedSequence with the rank as
+    spawn key; with generator=None from os.urandom. Identical streams on two ranks would make
+    their Poisson draws (or their noise shards) equal, i.e. correlated, which the accounting
+    and the Gaussian mechanism do not allow; torch.manual_seed(0) on every rank does exactly that.
+    """
+    if generator is None:
+        seed = int.from_bytes(os.urandom(8), "little")
+    else:
+        seed = int(np.random.SeedSequence([generator.initial_seed(), stream], spawn_key=(rank,))
+                   .generate_state(1, np.uint64)[0])
+    device = generator.device if generator is not None else "cpu"
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+# --------------------------------------------------------------------------------------------
+# Poisson sampling per rank
+# --------------------------------------------------------------------------------------------
+
+class DistributedPoissonBatchSampler(Sampler[list[int]]):
+    """Rank `rank`'s part of a Poisson-sampled global batch.
+
+    The dataset is split into disjoint shards (index j belongs to rank j % world_size); each rank
+    includes each of its indices independently with probability q. The union over ranks is then
+    exactly a Poisson sample of the whole dataset with rate q -- what the accountant assumes --
+    as long as the ranks' generators are independent (rank_generator). Every rank yields the
+    same number of batches, some of them possibly empty.
+    """
+
+    def __init__(self, num_samples: int, sample_rate: float, *, rank: int, world_size: int,
+                 num_batches: int | None = None, generator: torch.Generator | None = None):
+        if num_samples <= 0:
+            raise ValueError(f"need a non-empty dataset, got {num_samples} samples")
+        if not 0 < sample_rate <= 1:
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        self.num_samples, self.sample_rate = num_samples, sample_rate
+        self.rank, self.world_size = rank, world_size
+        self.indices = torch.arange(rank, num_samples, world_size)
+        self.num_batches = max(1, round(1 / sample_rate)) if num_batches is None else num_batches
+        self.generator = rank_generator(generator, rank)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self):
+        for _ in range(self.num_batches):
+            mask = torch.rand(len(self.indices), generator=self.generator) < self.sample_rate
+            yield self.indices[mask].tolist()
+
+
+class DistributedPoissonDataLoader(DataLoader):
+    """A DataLoader over this rank's Poisson share of the global batch (empty batches included,
+    as 0-row tensors). `sample_rate` is the GLOBAL rate q; `expected_batch_size` is the global
+    q * len(dataset), which DistributedDPOptimizer divides by."""
+
+    def __init__(self, dataset: Dataset, sample_rate: float, *, rank: int | None = None,
+                 world_size: int | None = None, num_batches: int | None = None,
+                 generator: torch.Generator | None = None, collate_fn=None, **kwargs):
+        for k in ("batch_size", "shuffle", "sampler", "batch_sampler", "drop_last"):
+            if kwargs.get(k) not in (None, False):
+                raise ValueError(f"DistributedPoissonDataLoader chooses its own batches; do not pass {k}=")
+            kwargs.pop(k, None)
+        if rank is None or world_size is None:
+            rank, world_size = _rank_world()
+        sampler = DistributedPoissonBatchSampler(len(dataset), sample_rate, rank=rank,
+                                                 world_size=world_size, num_batches=num_batches,
+                                                 generator=generator)
+        super().__init__(dataset, batch_sampler=sampler,
+                         collate_fn=_EmptyAwareCollate(dataset, collate_fn or _default_collate), **kwargs)
+        self.sample_rate = sample_rate
+        self.expected_batch_size = sample_rate * len(dataset)
+
+
+# --------------------------------------------------------------------------------------------
+# DDP
+# --------------------------------------------------------------------------------------------
+
+def _sum_hook(process_group, bucket):
+    """DDP communication hook: all-reduce SUM (torch's default hook averages)."""
+    fut = dist.all_reduce(bucket.buffer(), group=process_group, async_op=True).get_future()
+    return fut.then(lambda f: f.value()[0])
+
+
+class DistributedDataParallel(torch.nn.parallel.DistributedDataParallel):
+    """torch's DDP around a privatized module (eager, or torch.compile'd before wrapping).
+
+    Differences from torch's DDP, both needed for exact DP-SGD:
+    - gradient buckets are SUMMED across ranks, not averaged: every rank ends up with the clipped
+      sum over the global batch (DistributedDPOptimizer then noises it and divides by the global
+      expected batch size);
+    - Dynamo compiles the privatized module as one graph inside this DDP's forward (its
+      optimize_ddp graph split at bucket boundaries would give several graphs, each clipping with
+      its own partial norm; fxclip refuses that as a graph break).
+    Wrap `DistributedDataParallel(torch.compile(pm))`, not `torch.compile(DistributedDataParallel(pm))`.
+    Every rank must run forward and backward every step (an empty batch included: privatized
+    modules give exact zero gradients for B = 0), as with any DDP model.
+    """
+
+    def __init__(self, module: nn.Module, *args, **kwargs):
+        if not _privatized_parts(module):
+            raise TypeError("fxclip.distributed.DistributedDataParallel wraps a module from "
+                            "fxclip.privatize (or privatize_blocks)")
+        super().__init__(module, *args, **kwargs)
+        self.register_comm_hook(self.process_group, _sum_hook)
+
+    def forward(self, *args, **kwargs):
+        with _torch.no_ddp_graph_split():
+            return super().forward(*args, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# the optimizer
+# --------------------------------------------------------------------------------------------
+
+def _is_dtensor(t) -> bool:
+    return type(t).__name__ == "DTensor" or hasattr(t, "to_local") and hasattr(t, "device_mesh")
+
+
+def _bucketed(tensors):
+    """Group tensors by (dtype, device) for one collective per group."""
+    groups: dict = {}
+    for t in tensors:
+        groups.setdefault((t.dtype, t.device), []).append(t)
+    return groups.values()
+
+
+def _flat_collective(tensors, fn) -> None:
+    """Run fn(flat) on the concatenation of `tensors` (one call per dtype) and copy back."""
+    for group in _bucketed(tensors):
+        flat = torch.cat([t.reshape(-1) for t in group])
+        fn(flat)
+        offset = 0
+        for t in group:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
+class DistributedDPOptimizer(DPOptimizer):
+    """DPOptimizer for data parallelism: step() produces on every rank the update gradient
+
+        (sum over ALL ranks' samples of R_i grad_i + N(0, sigma^2 C^2)) / expected_batch_size
+
+    with the noise drawn once globally. `expected_batch_size` is the GLOBAL expected batch
+    size q * N, `sample_rate` the global q. How the clipped sums are reduced depends on what
+    `privatized_module` is (see the module docstring):
+
+    - a privatized module (optionally torch.compile'd), no DDP/FSDP: rank 0 adds the noise to its
+      local clipped sum, then one all-reduce (SUM) of the gradients, in step();
+    - fxclip.distributed.DistributedDataParallel: DDP summed during backward; rank 0's noise is
+      broadcast in step();
+    - a model sharded with fully_shard (DTensor parameters): FSDP2 reduce-scattered during
+      backward (this optimizer sets its gradient divide factor to 1, i.e. sum); each rank noises
+      its own shard with a rank-distinct generator. Needs loss_reduction="sum" in the privatized
+      modules: FSDP2 reduces inside backward, before the per-rank 1/B_local of "mean" can be
+      undone.
+
+    Construction and step() are collective: every rank must call them, the same number of
+    times (a rank with an empty batch still calls step(); it may skip forward/backward except
+    under DDP, which needs every rank's backward). In the plain mode the constructor broadcasts
+    rank 0's parameters and buffers so the replicas start equal.
+
+    Noise: rank 0 draws all of it in the plain and DDP modes (a rank other than 0 never holds
+    noise, so no rank can subtract "its" part); `generator` is then rank 0's. secure_rng=True
+    draws from os.urandom. Under FSDP each rank draws its shard's noise from
+    rank_generator(generator, rank) (os.urandom-seeded when generator is None), never from
+    torch's global RNG, which is commonly seeded identically on every rank.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, privatized_module: nn.Module, *,
+                 noise_multiplier: float, expected_batch_size: int, process_group=None, **kwargs):
+        super().__init__(optimizer, privatized_module, noise_multiplier=noise_multiplier,
+                         expected_batch_size=expected_batch_size, **kwargs)
+        self.rank, self.world_size = _rank_world(process_group)
+        self.process_group = process_group
+        self._root_rank = 0 if process_group is None else dist.get_global_rank(process_group, 0)
+        if isinstance(privatized_module, torch.nn.parallel.DistributedDataParallel):
+            if not isinstance(privatized_module, DistributedDataParallel):
+                raise TypeError(
+                    "wrap the privatized module in fxclip.distributed.DistributedDataParallel, not "
+                    "torch's: torch's averages the clipped sums across ranks and splits the compiled "
+                    "graph at bucket boundaries")
+            self.mode = "ddp"
+            self.process_group = privatized_module.process_group
+            self._root_rank = dist.get_global_rank(self.process_group, 0) \
+                if self.process_group is not None else 0
+        elif any(_is_dtensor(p) for p in self._params):
+            if not all(_is_dtensor(p) for p in self._params):
+                raise ValueError("some but not all trainable parameters are sharded (DTensor): shard "
+                                 "the whole privatized model with fully_shard")
+            if self.loss_reduction != "sum" or any(p.loss_reduction != "sum" for p in self._parts):
+                raise ValueError(
+                    "with FSDP2 privatize with loss_reduction=\"sum\" (and sum the loss): FSDP "
+                    "reduce-scatters the gradients inside backward, before the per-rank 1/B_local of "
+                    "\"mean\" can be undone. The optimizer still divides by the global expected batch "
+                    "size, so the update is the same as with \"mean\".")
+            self.mode = "fsdp"
+            root = _unwrap(privatized_module)
+            for m in root.modules():
+                if hasattr(m, "set_gradient_divide_factor"):
+                    m.set_gradient_divide_factor(1.0)
+            if not self.secure_rng:
+                self.generator = rank_generator(self.generator, self.rank, stream=1)
+        else:
+            self.mode = "allreduce"
+            root = _unwrap(privatized_module)
+            with torch.no_grad():
+                _flat_collective(
+                    [t for t in list(root.parameters()) + list(root.buffers()) if t.numel()],
+                    lambda flat: dist.broadcast(flat, src=self._root_rank, group=self.process_group))
+
+    @torch.no_grad()
+    def add_noise(self) -> None:
+        std = self.noise_multiplier * self.max_grad_norm
+        scale = 1.0 / self.expected_batch_size if self.loss_reduction == "mean" else 1.0
+        grads = []
+        for p in self._params:
+            g = p.grad
+            if g is None:
+                g = torch.zeros_like(p)
+            elif g.is_sparse:
+                raise RuntimeError("sparse gradients are not supported by DPOptimizer")
+            if self.mode != "fsdp" and g.dtype in _LOW_PRECISION:
+                g = g.to(torch.float32)
+            else:
+                g = g.clone()
+            grads.append(g)
+
+        if self.mode == "fsdp":
+            for g in grads:  # each rank owns and noises its shard
+                local = g.to_local()
+                local.add_(self._noise(local, std).to(local.dtype))
+        else:
+            is_root = self.rank == 0
+            if self.mode == "allreduce":
+                if is_root:
+                    for g in grads:
+                        g.add_(self._noise(g, std))
+                _flat_collective(grads, lambda flat: dist.all_reduce(flat, group=self.process_group))
+            else:  # ddp: every rank holds the global clipped sum already
+                noise = [self._noise(g, std) if is_root else torch.zeros_like(g) for g in grads]
+                _flat_collective(noise, lambda flat: dist.broadcast(flat, src=self._root_rank,
+                                                                    group=self.process_group))
+                for g, z in zip(grads, noise):
+                    g.add_(z)
+        for p, g in zip(self._params, grads):
+            p.grad = (g * scale).to(p.dtype)
+
+    def step(self, closure=None):
+        # the global number of samples in this logical batch (logging; not used in the update)
+        count = torch.tensor([float(self.batch_size)], dtype=torch.float64)
+        if self.mode != "fsdp":
+            dist.all_reduce(count, group=self.process_group)
+        local = self.batch_size
+        loss = super().step(closure)
+        self.last_batch_size = int(count.item())
+        self.last_local_batch_size = local
+        return loss
+
+
+# --------------------------------------------------------------------------------------------
+# per-block privatization
+# --------------------------------------------------------------------------------------------
+
+def _load_plain_keys(module, state_dict, prefix, *args):
+    """State-dict pre-hook of a privatized block: accept the plain model's keys (no "module.")."""
+    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(prefix + "module.")]:
+        state_dict[prefix + "module." + key[len(prefix):]] = state_dict.pop(key)
+
+
+def privatize_blocks(model: nn.Module, blocks: list[str], *, max_grad_norm: float,
+                     loss_reduction: str = "mean", clipping="flat", **kwargs) -> nn.Module:
+    """Privatize each named submodule of `model` on its own, in place; returns `model`.
+
+    For per-block compilation (`block.compile()` / torch.compile per block, as torchtitan does)
+    and FSDP2 per block: every block is its own graph, so its per-sample norm can only cover its
+    own parameters. Block b (holding G_b clipping groups of `clipping` -- "flat": one group,
+    "per_layer": one per module, or lists of parameter names of `model`, each inside one block)
+    is clipped to C_b = C * sqrt(G_b / G), G = sum_b G_b, so every group gets C / sqrt(G) and
+    sqrt(sum_b C_b^2) = C: the sample's whole gradient still has norm <= C, the sensitivity the
+    noise is calibrated for (DPOptimizer reads it from the blocks).
+
+    Every trainable parameter of `model` must be in exactly one block (refused otherwise: it would
+    get an unclipped gradient). The code BETWEEN blocks (the parent's forward) is not traced by
+    fxclip: it must keep samples apart (no batch statistics, no mixing over dim 0), and every
+    block's inputs and outputs must have the batch in dim 0.
+    """
+    if not blocks:
+        raise ValueError("name at least one block")
+    C = float(max_grad_norm)
+    modules = dict(model.named_modules())
+    unknown = [b for b in blocks if b not in modules or b == ""]
+    if unknown:
+        raise ValueError(f"no submodule named {unknown} (model.named_modules(); the root itself: "
+                         "use fxclip.privatize)")
+    for a in blocks:
+        for b in blocks:
+            if a != b and b.startswith(a + "."):
+                raise ValueError(f"blocks {a!r} and {b!r} overlap")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    covered = {f"{b}.{n}": b for b in blocks for n, p in modules[b].named_parameters()
+               if p.requires_grad}
+    missing = sorted(trainable - set(covered))
+    if missing:
+        raise PrivacyError(f"trainable parameters outside every block would get unclipped gradients: "
+                           f"{missing}. Add their module to `blocks`, or freeze them.")
+
+    local_clipping, group_count = {}, {}
+    for b in blocks:
+        block = modules[b]
+        if isinstance(clipping, (list, tuple)) and not isinstance(clipping, str):
+            local = []
+            for group in clipping:
+                inside = [n[len(b) + 1:] for n in group if n.startswith(b + ".")]
+                if inside and len(inside) != len(group):
+                    raise ValueError(f"clipping group {group} spans several blocks; each group must "
+                                     "lie inside one block")
+                if inside:
+                    local.append(inside)
+            local_clipping[b] = local
+        else:
+            local_clipping[b] = clipping
+        names = [n for n, p in block.named_parameters() if p.requires_grad]
+        labels = _clipping_groups(block, local_clipping[b])
+        group_count[b] = len({labels[n] for n in names})
+    total = sum(group_count.values())
+    for b in blocks:
+        if group_count[b] == 0:  # frozen block: nothing to clip
+            continue
+        parent_name, _, child = b.rpartition(".")
+        parent = modules[parent_name]
+        pb = privatize(modules[b], max_grad_norm=C * math.sqrt(group_count[b] / total),
+                       loss_reduction=loss_reduction, clipping=local_clipping[b], **kwargs)
+        pb._register_load_state_dict_pre_hook(_load_plain_keys, with_module=True)
+        setattr(parent, child, pb)
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# make_private
+# --------------------------------------------------------------------------------------------
+
+def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader: DataLoader, *,
+                 noise_multiplier: float | None = None, target_epsilon: float | None = None,
+                 target_delta: float | None = None, epochs: int | None = None, max_grad_norm: float,
+                 loss_reduction: str = "mean", ddp: bool = False, generator: torch.Generator | None = None,
+                 secure_rng: bool = False, accountant: str = "rdp", process_group=None):
+    """fxclip.make_private for data parallelism: call it on every rank (it is collective).
+
+    `data_loader.batch_size` is the expected batch size PER RANK, as with torch's
+    DistributedSampler: the global expected batch is B = batch_size * world_size, the global
+    sample rate q = B / len(dataset), which the accountant uses. Returns (module, optimizer,
+    loader): the privatized module (wrapped in fxclip.distributed.DistributedDataParallel if
+    ddp=True), a DistributedDPOptimizer dividing by B, and this rank's
+    DistributedPoissonDataLoader (its disjoint shard of the dataset, Poisson-sampled with q, a
+    rank-distinct generator derived from `generator`).
+    """
+    if (noise_multiplier is None) == (target_epsilon is None):
+        raise ValueError("give exactly one of noise_multiplier= or target_epsilon= (with "
+                         "target_delta= and epochs=)")
+    if target_epsilon is not None and (target_delta is None or epochs is None):
+        raise ValueError("target_epsilon needs target_delta= and epochs= to calibrate the noise")
+    rank, world = _rank_world(process_group)
+    per_rank = data_loader.batch_size or getattr(data_loader.batch_sampler, "batch_size", None)
+    if not per_rank:
+        raise ValueError("cannot infer the expected batch size: give the data loader a batch_size")
+    n = len(data_loader.dataset)
+    global_batch = per_rank * world
+    if global_batch > n:
+        raise ValueError(f"batch_size {per_rank} x {world} ranks exceeds the dataset size {n}")
+    sample_rate = global_batch / n
+    loader = DistributedPoissonDataLoader(
+        data_loader.dataset, sample_rate, rank=rank, world_size=world, generator=generator,
+        collate_fn=data_loader.collate_fn, num_workers=data_loader.num_workers,
+        pin_memory=data_loader.pin_memory)
+    if target_epsilon is not None:
+        steps = int(round(epochs * len(loader)))
+        noise_multiplier = noise_multiplier_for(target_epsilon, target_delta, sample_rate, steps,
+                                                mechanism=accountant)
+    pm = privatize(model, max_grad_norm=max_grad_norm, loss_reduction=loss_reduction)
+    module = DistributedDataParallel(pm, process_group=process_group) if ddp else pm
+    opt = DistributedDPOptimizer(optimizer, module, noise_multiplier=noise_multiplier,
+                                 expected_batch_size=global_batch, sample_rate=sample_rate,
+                                 generator=None if secure_rng else generator, secure_rng=secure_rng,
+                                 accountant=Accountant(accountant), process_group=process_group)
+    return module, opt, loader
