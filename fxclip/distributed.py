@@ -206,10 +206,11 @@ class DistributedDPOptimizer(DPOptimizer):
     - fxclip.distributed.DistributedDataParallel: DDP summed during backward; rank 0's noise is
       broadcast in step();
     - a model sharded with fully_shard (DTensor parameters): FSDP2 reduce-scattered during
-      backward (this optimizer sets its gradient divide factor to 1, i.e. sum); each rank noises
+      backward (this optimizer sets its gradient divide factor to 1 and SUM collectives, i.e. the
+      sum); each rank noises
       its own shard with a rank-distinct generator. Needs loss_reduction="sum" in the privatized
-      modules: FSDP2 reduces inside backward, before the per-rank 1/B_local of "mean" can be
-      undone.
+      modules (FSDP2 reduces inside backward, before the per-rank 1/B_local of "mean" can be
+      undone); give this optimizer loss_reduction="mean" to divide by the expected batch size.
 
     Construction and step() are collective: every rank must call them, the same number of
     times (a rank with an empty batch still calls step(); it may skip forward/backward except
@@ -244,17 +245,19 @@ class DistributedDPOptimizer(DPOptimizer):
             if not all(_is_dtensor(p) for p in self._params):
                 raise ValueError("some but not all trainable parameters are sharded (DTensor): shard "
                                  "the whole privatized model with fully_shard")
-            if self.loss_reduction != "sum" or any(p.loss_reduction != "sum" for p in self._parts):
+            if any(p.loss_reduction != "sum" for p in self._parts):
                 raise ValueError(
                     "with FSDP2 privatize with loss_reduction=\"sum\" (and sum the loss): FSDP "
                     "reduce-scatters the gradients inside backward, before the per-rank 1/B_local of "
-                    "\"mean\" can be undone. The optimizer still divides by the global expected batch "
-                    "size, so the update is the same as with \"mean\".")
+                    "\"mean\" can be undone. Pass loss_reduction=\"mean\" to this optimizer to "
+                    "divide the update by the global expected batch size.")
             self.mode = "fsdp"
             root = _unwrap(privatized_module)
             for m in root.modules():
                 if hasattr(m, "set_gradient_divide_factor"):
                     m.set_gradient_divide_factor(1.0)
+                    # plain SUM collectives (gloo has no PREMUL_SUM; the factor is 1 anyway)
+                    m.set_force_sum_reduction_for_comms(True)
             if not self.secure_rng:
                 self.generator = rank_generator(self.generator, self.rank, stream=1)
         else:

@@ -135,8 +135,10 @@ def _zero_grad_noise(rank, world, mode):
     else:
         pm = fxclip.privatize(model, max_grad_norm=C, loss_reduction=reduction)
         module = fxd.DistributedDataParallel(pm) if mode == "ddp" else pm
+    # FSDP: sum in the module, the optimizer divides by the expected batch size ("mean")
     opt = fxd.DistributedDPOptimizer(torch.optim.SGD(pm.parameters(), lr=lr), module,
-                                     noise_multiplier=sigma, expected_batch_size=total)
+                                     noise_multiplier=sigma, expected_batch_size=total,
+                                     loss_reduction="mean")
     w = pm.module.weight
     before = _full(w).detach().clone()
     opt.zero_grad()
