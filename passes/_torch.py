@@ -31,6 +31,7 @@ def is_compiling() -> bool:
 
 
 def inductor_decompositions():
+    import torch._inductor.lowering  # noqa: F401  (registers the prims some decompositions emit)
     from torch._inductor.decomposition import select_decomp_table
 
     return select_decomp_table()

@@ -77,8 +77,9 @@ def _decompositions():
     return _decomps
 
 
-def run_node(node: fx.Node, env: dict, default=None):
-    """Execute one call_function node on values looked up in env (used inside traced fns)."""
+def run_node(node: fx.Node, env: dict, default=None, target=None):
+    """Execute one call_function node (or `target` in its place) on values looked up in env
+    (used inside traced fns)."""
 
     def load(a):
         if isinstance(a, fx.Node):
@@ -87,7 +88,7 @@ def run_node(node: fx.Node, env: dict, default=None):
 
     args = fx.node.map_aggregate(node.args, load)
     kwargs = fx.node.map_aggregate(node.kwargs, load)
-    return node.target(*args, **kwargs)
+    return (target or node.target)(*args, **kwargs)
 
 
 def val(node: fx.Node):

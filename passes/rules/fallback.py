@@ -51,6 +51,9 @@ def backward_slice(root: fx.Node, seeds: list, after_seeds: set) -> tuple[list, 
     return order, outside
 
 
+_VIEWS = {torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default}
+
+
 class FallbackRoute(InstantiatedRoute):
     def per_sample(self, ctx):
         c = self.contribution
@@ -71,6 +74,8 @@ class FallbackRoute(InstantiatedRoute):
                     if node.op == "placeholder":  # a symbolic size
                         source, dim = _size_source(node)
                         env[node] = env[source].shape[dim]
+                    elif node.target in _VIEWS:  # batched (vmapped) strides may not allow a view
+                        env[node] = run_node(node, env, target=torch.ops.aten.reshape.default)
                     else:
                         env[node] = run_node(node, env)
                 return replay(c.path, c.root, env[c.root])
