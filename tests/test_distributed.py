@@ -33,9 +33,15 @@ C = 0.3
 SIZES = (5, 3)  # rank 0 and rank 1 batch sizes: unequal on purpose
 
 
-def _model():
+def _model(width=8):
     torch.manual_seed(1)
-    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    return nn.Sequential(nn.Linear(6, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(),
+                         nn.Linear(width, 3)).double()
+
+
+# float64 400x400 weights are 1.28 MB each: DDP's 1 MB buckets then hold them in several buckets,
+# where Dynamo's DDP optimizer would split the compiled graph
+WIDE = 400
 
 
 def _data(sizes=SIZES):
@@ -49,10 +55,10 @@ def _sample_loss(out, y):
     return F.cross_entropy(out, y)
 
 
-def _flat_reference(sizes=SIZES, reduction="sum"):
+def _flat_reference(sizes=SIZES, width=8):
     """The clipped SUM over the concatenated batch, per parameter (in parameter order)."""
     xs, ys = _data(sizes)
-    model = _model()
+    model = _model(width)
     expected, norms = per_sample_reference(model, (torch.cat(xs),), torch.cat(ys), _sample_loss, C,
                                            loss_reduction="sum")
     return [expected[n] for n, _ in model.named_parameters()], norms
@@ -94,9 +100,10 @@ def _train_step(module, opt, x, y, reduction, skip_empty=False):
     opt.step()
 
 
-def _exactness(rank, world, mode, reduction, compiled=False, sizes=SIZES, skip_empty=False):
+def _exactness(rank, world, mode, reduction, compiled=False, sizes=SIZES, skip_empty=False,
+               bucket_cap_mb=25, width=8):
     xs, ys = _data(sizes)
-    model = _model()
+    model = _model(width)
     if rank == 1:  # rank 1 starts from different weights: the optimizer/DDP must sync them
         with torch.no_grad():
             for p in model.parameters():
@@ -104,11 +111,11 @@ def _exactness(rank, world, mode, reduction, compiled=False, sizes=SIZES, skip_e
     pm = fxclip.privatize(model, max_grad_norm=C, loss_reduction=reduction)
     module = torch.compile(pm) if compiled else pm
     if mode == "ddp":
-        module = fxd.DistributedDataParallel(module)
+        module = fxd.DistributedDataParallel(module, bucket_cap_mb=bucket_cap_mb)
     total = sum(sizes)
     opt = fxd.DistributedDPOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), module,
                                      noise_multiplier=0.0, expected_batch_size=total)
-    want, norms = _flat_reference(sizes)
+    want, norms = _flat_reference(sizes, width)
     _train_step(module, opt, xs[rank], ys[rank], reduction, skip_empty)
     got = [p.grad for p in model.parameters()]
     offset = sum(sizes[:rank])
@@ -119,6 +126,20 @@ def _exactness(rank, world, mode, reduction, compiled=False, sizes=SIZES, skip_e
     return {"err": _max_err(got, [w / div for w in want]), "norm_err": norm_err,
             "batch": opt.last_batch_size, "local_batch": opt.last_local_batch_size,
             "scale": max(w.abs().max().item() for w in want) / div}
+
+
+def _torch_ddp_splits_the_graph(rank, world):
+    """Control: torch's own DDP around torch.compile(pm), several buckets: Dynamo splits the
+    privatized graph at bucket boundaries, which fxclip refuses (each piece would clip with its
+    own partial norm). fxclip.distributed.DistributedDataParallel keeps it whole."""
+    xs, ys = _data()
+    pm = fxclip.privatize(_model(WIDE), max_grad_norm=C, loss_reduction="sum")
+    ddp = torch.nn.parallel.DistributedDataParallel(torch.compile(pm), bucket_cap_mb=1)
+    try:
+        F.cross_entropy(ddp(xs[rank]), ys[rank], reduction="sum").backward()
+    except fxclip.PrivacyError as e:
+        return {"refused": "graph break" in str(e)}
+    return {"refused": False}
 
 
 def _zero_grad_noise(rank, world, mode):
@@ -316,7 +337,9 @@ JOBS = {
     },
     "compiled": {
         "allreduce_compiled": lambda r, w: _exactness(r, w, "allreduce", "mean", compiled=True),
-        "ddp_compiled": lambda r, w: _exactness(r, w, "ddp", "mean", compiled=True),
+        "ddp_compiled": lambda r, w: _exactness(r, w, "ddp", "mean", compiled=True, bucket_cap_mb=1,
+                                                width=WIDE),
+        "torch_ddp_split": _torch_ddp_splits_the_graph,
         "blocks_compiled": lambda r, w: _per_block(r, w, "allreduce", "flat", compiled=True),
     },
 }
@@ -468,6 +491,12 @@ def test_fsdp2_noise_is_added_once_per_coordinate(fsdp_job):
 def test_compiled_data_parallel_equals_the_reference(compiled_job, name):
     for res in _get(compiled_job, name):
         assert res["err"] < 1e-12 * max(1.0, res["scale"]), res
+
+
+@pytest.mark.slow
+def test_torch_ddp_compiled_split_is_refused_not_silently_wrong(compiled_job):
+    for res in _get(compiled_job, "torch_ddp_split"):
+        assert res["refused"], res
 
 
 # single-process checks of the helpers
