@@ -506,7 +506,7 @@ def test_per_block_exact_against_torch_func_single_process():
     x, y = torch.cat(xs), torch.cat(ys)
     model = _model()
     names = [n for n, _ in model.named_parameters()]
-    clipping = [["0.weight"], ["0.bias", "2.weight", "2.bias"], ["4.weight", "4.bias"]]
+    clipping = [["0.weight"], ["0.bias"], ["2.weight", "2.bias"], ["4.weight", "4.bias"]]
     fxd.privatize_blocks(model, ["0", "2", "4"], max_grad_norm=C, loss_reduction="sum", clipping=clipping)
     # 4 groups: 0.weight | 0.bias | 2.* | 4.*; every group gets C / 2
     assert [model[i].max_grad_norm for i in (0, 2, 4)] == pytest.approx([C / 2 * math.sqrt(2), C / 2, C / 2])
