@@ -40,6 +40,9 @@ def make_private(
 
     poisson_sampling=False keeps `data_loader` as is. The accountant still assumes Poisson
     sampling, so epsilon is then a heuristic, not a guarantee.
+
+    Several processes (torchrun): use fxclip.distributed.make_private, which shards the dataset
+    across ranks, reduces the clipped sums, adds the noise once and accounts on the global q.
     """
     if (noise_multiplier is None) == (target_epsilon is None):
         raise ValueError("give exactly one of noise_multiplier= or target_epsilon= (with target_delta= "
@@ -52,6 +55,12 @@ def make_private(
                          "train as long as you like and read opt.epsilon(delta)")
     if not isinstance(data_loader, DataLoader):
         raise TypeError(f"data_loader must be a torch DataLoader, got {type(data_loader).__name__}")
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        import warnings
+        warnings.warn("fxclip.make_private under torch.distributed trains one independent model per "
+                      "rank (no gradient reduction, each rank spends its own epsilon); for data "
+                      "parallelism use fxclip.distributed.make_private", stacklevel=2)
 
     batch_size = data_loader.batch_size or getattr(data_loader.batch_sampler, "batch_size", None)
     if not batch_size:
