@@ -118,6 +118,8 @@ def analyze(graph: fx.Graph, batched: dict[fx.Node, Layout], batch_size) -> dict
             continue
         rule = LAYOUT_RULES.get(node.target) or _pointwise_rule(node)
         out = rule(node, layouts, batch_size) if rule else UNKNOWN
+        if out is NO_BATCH:
+            continue  # e.g. an unused output of a multi-output op
         layouts[node] = UNKNOWN if out is None else out
     return layouts
 
@@ -569,3 +571,120 @@ def _trilinear(node, layouts, B):
     if lay.dim in sumdim:
         return MIXED
     return Layout(lay.dim - sum(1 for d in sumdim if d < lay.dim), lay.outer, lay.inner)
+
+
+# --- Backward ops of per-sample forward ops (issue 3): gradients w.r.t. per-sample inputs keep
+# the batch where the forward had it; gradients w.r.t. parameters sum over it (MIXED). Multi-
+# output ops get an Outputs tuple, which the getitem rule below unpacks element by element.
+
+
+class Outputs(tuple):
+    """Per-output layouts of a multi-output op: a Layout, MIXED, UNKNOWN or NO_BATCH each."""
+
+
+NO_BATCH = _Mark("NO_BATCH")  # an output that carries no sample's values (left out of layouts)
+
+
+def _unpack_getitem(node, layouts, B):
+    lays = layouts[node.args[0]]
+    if isinstance(lays, Outputs):
+        i = node.args[1]
+        return lays[i] if i < len(lays) else UNKNOWN
+    return _getitem(node, layouts, B)
+
+
+LAYOUT_RULES[operator.getitem] = _unpack_getitem
+
+
+def _shared_dim0(nodes, layouts, B):
+    """The one batch-major dim-0 layout of the batched `nodes`, else None."""
+    lay = _one(layouts[a] for a in nodes if isinstance(a, fx.Node) and a in layouts)
+    if not isinstance(lay, Layout) or lay.dim != 0 or not lay.batch_major:
+        return None
+    return lay
+
+
+@layout_rule(aten.convolution_backward.default)
+def _convolution_backward(node, layouts, B):
+    grad_out, x, weight = node.args[:3]
+    if weight in layouts:
+        return None
+    if grad_out not in layouts or x not in layouts:
+        return None
+    lay = _shared_dim0((grad_out, x), layouts, B)
+    if lay is None:
+        return None  # a batch that is not in dim 0: no rule
+    mask = node.args[10]
+    return Outputs(tuple(out if m else NO_BATCH for out, m in zip((lay, MIXED, MIXED), mask)))
+
+
+def _sdpa_backward(node, layouts, B):
+    """Attention backward: (grad_q, grad_k, grad_v) keep the batch dim of q, k, v (dim 0)."""
+    tensors = [a for a in node.args[:6] if isinstance(a, fx.Node)]
+    mask = node.kwargs.get("attn_mask")
+    if isinstance(mask, fx.Node):
+        tensors.append(mask)
+    lay = _shared_dim0(tensors, layouts, B)
+    if lay is None:
+        return None
+    return Outputs((lay, lay, lay))
+
+
+_register(_sdpa_backward, _op("_scaled_dot_product_flash_attention_for_cpu_backward"))
+
+
+def _sdpa_forward_outputs(node, layouts, B):
+    """Attention forward with several outputs (output, logsumexp, ...): each per sample."""
+    tensors = [a for a in node.args[:3] if isinstance(a, fx.Node)]
+    mask = node.kwargs.get("attn_mask")
+    if isinstance(mask, fx.Node):
+        tensors.append(mask)
+    lay = _one(layouts[a] for a in tensors if a in layouts)
+    if lay is None:
+        return None
+    for a in tensors:
+        if a in layouts and layouts[a].dim >= len(_shape(a)) - 2:
+            return MIXED
+    vals = node.meta.get("val")
+    if not isinstance(vals, (tuple, list)):
+        return lay if fits(lay, _shape(node), B) else None
+    return Outputs(tuple(lay if isinstance(v, torch.Tensor) and fits(lay, tuple(v.shape), B) else NO_BATCH
+                         for v in vals))
+
+
+_register(_sdpa_forward_outputs, _op("_scaled_dot_product_flash_attention_for_cpu"))
+
+
+@layout_rule(aten._fused_rms_norm.default)
+def _fused_rms_norm(node, layouts, B):
+    x = node.args[0]
+    if x not in layouts or any(a in layouts for a in node.all_input_nodes if a is not x):
+        return None
+    lay = layouts[x]
+    ndim = len(_shape(x))
+    if lay.dim >= ndim - len(node.args[1]):
+        return MIXED
+    return Outputs((lay, lay))  # (output, rstd): rstd keeps the leading dims
+
+
+@layout_rule(aten._fused_rms_norm_backward.default)
+def _fused_rms_norm_backward(node, layouts, B):
+    grad, x = node.args[:2]
+    lay = _one(layouts[a] for a in (grad, x) if a in layouts)
+    if lay is None:
+        return None
+    return Outputs((lay, MIXED))  # (grad_input, grad_weight)
+
+
+@layout_rule(aten.embedding_dense_backward.default)
+def _embedding_dense_backward(node, layouts, B):
+    return MIXED  # a (num_weights, dim) table gradient summed over every sample's tokens
+
+
+@layout_rule(aten._unsafe_masked_index_put_accumulate.default, aten.index_put.default,
+             aten._unsafe_index_put.default)
+def _index_put_accumulate(node, layouts, B):
+    base = node.args[0]
+    if base in layouts:
+        return None
+    return MIXED  # rows of a shared table written from (possibly) every sample

@@ -18,6 +18,7 @@ from .layout import Layout, analyze, known_equal, same_shape
 from .mixing import check_batch_independence, check_no_batch_state, model_region
 from .report import ParamRoute, RewriteReport, rule_counters
 from .rules import RULES, Contribution, norm_sq_of, weighted_sum
+from .rules.shared import shared_norm_sq, shared_reweighted, strategy_of
 
 aten = torch.ops.aten
 
@@ -242,10 +243,8 @@ def rewrite_joint_graph(graph: fx.Graph) -> RewriteReport | None:
         builder.tag = {"param": name, "role": "norm"}
         if len(found) == 1:
             term = found[0].norm_sq(ctx)
-        else:  # a shared parameter: the norm of its TOTAL per-sample gradient
-            total = builder.call(lambda *ps: sum(ps), *[ctx.per_sample(r) for r in found])
-            ctx._per_sample[("total", param)] = total
-            term = builder.call(norm_sq_of, total)
+        else:  # a shared parameter: the norm of its TOTAL per-sample gradient, cross terms included
+            term = shared_norm_sq(found, ctx)
         norm_terms.setdefault(group_of[param], []).append(term)
 
     if not routes:  # no trainable parameter reached the output
@@ -267,7 +266,7 @@ def rewrite_joint_graph(graph: fx.Graph) -> RewriteReport | None:
         if len(found) == 1:
             new = found[0].reweighted(ctx, clip)
         else:
-            new = builder.call(weighted_sum, ctx._per_sample[("total", param)], clip)
+            new = shared_reweighted(found, ctx, clip)
         old = new_outputs[grad_slots[param]]
         want = old.meta["val"]
         if new.meta["val"].dtype != want.dtype or not same_shape(new.meta["val"].shape, want.shape):
@@ -361,7 +360,7 @@ def _report(graph, spec, params, routes, B) -> RewriteReport:
         rows.append(ParamRoute(
             name=params[param], module=module, ops=ops_used,
             rule="+".join(sorted({r.rule for r in found})),
-            strategy="ghost" if all(r.strategy == "ghost" for r in found) and len(found) == 1 else "instantiate",
+            strategy=strategy_of(found),
             shapes=first.shapes, extra_flops=sum(r.extra_flops for r in found),
             extra_bytes=sum(r.extra_bytes for r in found), uses=len(found)))
     unused = [params[p] for p in params if p not in routes]

@@ -58,6 +58,9 @@ class Route:
     def reweighted(self, ctx, clip):  # -> node (param.shape): sum_i R_i * contribution_i
         raise NotImplementedError
 
+    def ghost_factors(self, ctx):  # -> rules.shared.Factors | None: for tied-use cross terms
+        return None
+
 
 def replay(path: list[fx.Node], start: fx.Node, value):
     """Apply the linear layout ops of `path` to `value` standing for `start` (inside a traced fn).
@@ -114,4 +117,4 @@ class InstantiatedRoute(Route):
 
 
 # Import order is priority order.
-from . import batch_of_one, linear, unreduce, fallback  # noqa: E402,F401
+from . import batch_of_one, linear, conv, embedding, unreduce, fallback  # noqa: E402,F401

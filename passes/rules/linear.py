@@ -62,6 +62,19 @@ class LinearRoute(InstantiatedRoute):
         return ctx.builder.call(lambda x, y, b: _gram_norm_sq(x, y, lx, ly, b, one_row),
                                 self.x, self.y, ctx.bref)
 
+    def ghost_factors(self, ctx):
+        """Per-sample G_i = X_i Y_i as rows (T, m) and (T, k), oriented like the parameter."""
+        from .shared import Factors, orientation
+
+        c, lx, ly = self.contribution, self.lx, self.ly
+        way = orientation(c.path, c.root)
+        if way is None:
+            return None
+        a, b = ctx.builder.call(lambda x, y, bref: (_rows(x, lx, bref.shape[0]),
+                                                    _rows(y, ly, bref.shape[0])), self.x, self.y, ctx.bref)
+        m, k = (_hint(s) for s in c.root.meta["val"].shape)
+        return Factors("dense", a, b, m, k) if way == "same" else Factors("dense", b, a, k, m)
+
     def reweighted(self, ctx, clip):
         if self.strategy == "instantiate":
             return super().reweighted(ctx, clip)

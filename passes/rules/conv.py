@@ -1,0 +1,213 @@
+"""Convolutions: weight and bias gradients of `convolution_backward` (Conv1d/2d/3d, any stride,
+padding, dilation, groups; transposed convolutions instantiate).
+
+Per sample i and group g, the weight gradient is G_ig^T A_ig, with A_ig (T, Cin/g * K) the
+unfolded input (T = output positions; rows of several images when the batch has `inner` > 1)
+and G_ig (T, Cout/g) the output gradient, so
+- ghost:        ||grad_i||^2 = sum_g <A_ig A_ig^T, G_ig G_ig^T>   (T x T Grams per group)
+- instantiate:  one convolution_backward over the whole batch under vmap (a grouped
+                convolution with groups = B * groups): the (B, *weight.shape) per-sample grads.
+
+Cost model (static shapes, per op; `hint`s for symbolic sizes), with d = Cin/g * K, p = Cout/g:
+    ghost  flops = 2 B g T^2 (d + p)         bytes = B (T g d  [unfolded A]  + 2 g T^2 [Grams])
+    inst   flops = 2 B g T d p               bytes = B g p d  [per-sample gradients]
+    cost = bytes + flops / FLOPS_PER_BYTE; the cheaper strategy wins.
+FLOPS_PER_BYTE = 16 weighs memory traffic against arithmetic (roughly the balance point of a
+CPU core or a GPU's memory system on these small, bandwidth-bound ops). Where FLOPs are equal
+this is fastDP's rule 2 T^2 <= p d extended with the unfold copy; where ghost memory is smaller
+but its FLOPs much larger (depthwise convolutions over large images), instantiation wins.
+Reweighting in ghost mode is one convolution_backward on R-scaled output gradients (the cost of
+the original weight gradient); instantiated, a weighted sum of the per-sample gradients.
+Bias: per-sample gradient = output gradient summed over positions, always instantiated (small).
+"""
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+import torch.nn.functional as F
+
+from ..layout import Layout
+from . import InstantiatedRoute, replay, rule, scale_by_sample, weighted_sum
+
+aten = torch.ops.aten
+
+FLOPS_PER_BYTE = 16
+
+
+def _hint(x) -> int:
+    if isinstance(x, int):
+        return x
+    hint = x.node.hint
+    return int(hint) if hint is not None else 8
+
+
+def _conv_args(cb):
+    (grad_out, x, weight, bias_sizes, stride, padding, dilation, transposed, output_padding,
+     groups, mask) = cb.args[:11]
+    return grad_out, x, weight, dict(stride=list(stride), padding=list(padding),
+                                     dilation=list(dilation), transposed=transposed,
+                                     output_padding=list(output_padding), groups=groups)
+
+
+def unfold_nd(x, kernel, stride, padding, dilation):
+    """(N, C, *S) -> (N, C * prod(kernel), L): the im2col of an N-d convolution, channel-major
+    (matching weight.reshape(out, -1)), positions row-major (matching the output's flatten)."""
+    nd = len(kernel)
+    pads = []
+    for p in reversed(padding):
+        pads += [p, p]
+    if any(pads):
+        x = F.pad(x, pads)
+    for i in range(nd):
+        span = dilation[i] * (kernel[i] - 1) + 1
+        x = x.unfold(2 + i, span, stride[i])  # (N, C, L..., w...) windows appended at the end
+        if dilation[i] > 1:
+            x = x[..., ::dilation[i]]
+    n, c = x.shape[:2]
+    positions = x.shape[2:2 + nd]
+    x = x.permute(0, 1, *range(2 + nd, 2 + 2 * nd), *range(2, 2 + nd))
+    return x.reshape(n, c * math.prod(kernel), math.prod(positions))
+
+
+def _f32(t):
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def conv_ghost_norm_sq(go, x, weight_shape, lay_inner_ref, conv, batch):
+    """Per-sample ||grad_weight||^2 from unfolded activations and output gradients."""
+    g = conv["groups"]
+    out_ch = weight_shape[0]
+    kernel = list(weight_shape[2:])
+    a = unfold_nd(x, kernel, conv["stride"], conv["padding"], conv["dilation"])  # (N, Cin K, L)
+    n, ck, L = a.shape
+    inner = n // batch
+    # (B, inner, g, d, L) -> (B, g, inner * L, d)
+    a = a.reshape(batch, inner, g, ck // g, L).permute(0, 2, 1, 4, 3).reshape(batch * g, inner * L, ck // g)
+    gg = go.reshape(batch, inner, g, out_ch // g, L).permute(0, 2, 1, 4, 3).reshape(batch * g, inner * L, out_ch // g)
+    a, gg = _f32(a), _f32(gg)
+    ga = torch.bmm(a, a.transpose(1, 2))
+    gb = torch.bmm(gg, gg.transpose(1, 2))
+    return (ga * gb).reshape(batch, -1).sum(1)
+
+
+def _per_sample_weight_grad(go, x, w, conv, batch):
+    gos = go.reshape(batch, go.shape[0] // batch, *go.shape[1:])
+    xs = x.reshape(batch, x.shape[0] // batch, *x.shape[1:])
+
+    def one(g, a):
+        return aten.convolution_backward(g, a, w, None, conv["stride"], conv["padding"], conv["dilation"],
+                                         conv["transposed"], conv["output_padding"], conv["groups"],
+                                         [False, True, False])[1]
+
+    return torch.vmap(one)(gos, xs)
+
+
+class ConvWeightRoute(InstantiatedRoute):
+    def __init__(self, strategy, contribution, grad_out, x, weight, conv, layout, **kw):
+        super().__init__("conv", strategy, contribution, **kw)
+        self.grad_out, self.x, self.weight, self.conv, self.layout = grad_out, x, weight, conv, layout
+
+    def per_sample(self, ctx):
+        c, conv = self.contribution, self.conv
+
+        def fn(go, x, w, bref):
+            per = _per_sample_weight_grad(go, x, w, conv, bref.shape[0])
+            return torch.vmap(lambda v: replay(c.path, c.root, v))(per)
+
+        return ctx.builder.call(fn, self.grad_out, self.x, self.weight, ctx.bref)
+
+    def norm_sq(self, ctx):
+        if self.strategy == "instantiate":
+            return super().norm_sq(ctx)
+        conv, wshape = self.conv, tuple(int(s) for s in self.weight.meta["val"].shape)
+        return ctx.builder.call(
+            lambda go, x, bref: conv_ghost_norm_sq(go, x, wshape, None, conv, bref.shape[0]),
+            self.grad_out, self.x, ctx.bref)
+
+    def reweighted(self, ctx, clip):
+        if self.strategy == "instantiate":
+            return super().reweighted(ctx, clip)
+        c, conv, lay = self.contribution, self.conv, self.layout
+
+        def fn(go, x, w, r):
+            go = scale_by_sample(go, lay, r)
+            gw = aten.convolution_backward(go, x, w, None, conv["stride"], conv["padding"],
+                                           conv["dilation"], conv["transposed"], conv["output_padding"],
+                                           conv["groups"], [False, True, False])[1]
+            return replay(c.path, c.root, gw)
+
+        return ctx.builder.call(fn, self.grad_out, self.x, self.weight, clip)
+
+
+class ConvBiasRoute(InstantiatedRoute):
+    def __init__(self, contribution, grad_out, **kw):
+        super().__init__("conv", "instantiate", contribution, **kw)
+        self.grad_out = grad_out
+
+    def per_sample(self, ctx):
+        c = self.contribution
+
+        def fn(go, bref):
+            batch = bref.shape[0]
+            per = go.reshape(batch, go.shape[0] // batch, go.shape[1], -1).sum((1, 3))
+            return torch.vmap(lambda v: replay(c.path, c.root, v))(per)
+
+        return ctx.builder.call(fn, self.grad_out, ctx.bref)
+
+    def reweighted(self, ctx, clip):
+        c = self.contribution
+
+        def fn(go, r):
+            batch = r.shape[0]
+            per = go.reshape(batch, go.shape[0] // batch, go.shape[1], -1).sum((1, 3))
+            return replay(c.path, c.root, weighted_sum(per, r))
+
+        return ctx.builder.call(fn, self.grad_out, clip)
+
+
+def choose(batch, T, groups, d, p):
+    """(strategy, flops, bytes) of the cheaper way to get a conv weight's per-sample norms."""
+    ghost_flops = 2 * batch * groups * T * T * (d + p)
+    ghost_bytes = 4 * batch * (T * groups * d + 2 * groups * T * T)
+    inst_flops = 2 * batch * groups * T * d * p
+    inst_bytes = 4 * batch * groups * p * d
+    ghost = ghost_bytes + ghost_flops / FLOPS_PER_BYTE
+    inst = inst_bytes + inst_flops / FLOPS_PER_BYTE
+    if ghost <= inst:
+        return "ghost", ghost_flops, ghost_bytes
+    return "instantiate", inst_flops, inst_bytes
+
+
+@rule("conv")
+def match_conv(contribution, ctx):
+    root = contribution.root
+    if root.target != operator.getitem or root.args[1] not in (1, 2):
+        return None
+    cb = root.args[0]
+    if cb.target != aten.convolution_backward.default:
+        return None
+    grad_out, x, weight, conv = _conv_args(cb)
+    lay = ctx.layouts.get(grad_out)
+    if not (isinstance(lay, Layout) and lay.dim == 0 and lay.batch_major
+            and ctx.layouts.get(x) == lay and weight not in ctx.layouts):
+        return None
+    batch = ctx.batch_hint
+    out_shape = grad_out.meta["val"].shape
+    inner = _hint(lay.inner)
+    T = inner * math.prod(_hint(s) for s in out_shape[2:])
+    shapes = {"B": str(ctx.batch_size), "T": str(T), "x": str(tuple(x.meta["val"].shape)),
+              "weight": str(tuple(weight.meta["val"].shape)), "groups": str(conv["groups"])}
+    if root.args[1] == 2:
+        p = _hint(out_shape[1])
+        return ConvBiasRoute(contribution, grad_out, shapes=shapes, extra_flops=batch * T * p,
+                             extra_bytes=4 * batch * p)
+    wshape = [_hint(s) for s in weight.meta["val"].shape]
+    g = conv["groups"]
+    if conv["transposed"]:
+        strategy, flops, nbytes = "instantiate", 2 * batch * T * math.prod(wshape), 4 * batch * math.prod(wshape)
+    else:
+        strategy, flops, nbytes = choose(batch, T, g, math.prod(wshape[1:]), wshape[0] // g)
+    return ConvWeightRoute(strategy, contribution, grad_out, x, weight, conv, lay, shapes=shapes,
+                           extra_flops=flops, extra_bytes=nbytes)

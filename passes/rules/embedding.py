@@ -1,0 +1,269 @@
+"""Embeddings: a table gradient accumulated from per-token rows,
+`_unsafe_masked_index_put_accumulate(zeros, mask, [ids], values)` (Inductor's decomposition),
+`index_put(zeros, [ids], values, accumulate=True)` or `embedding_dense_backward`.
+
+Per sample i with tokens t (ids_it, output-grad rows g_it, masked tokens such as padding_idx
+contributing nothing) the gradient is sum_t e_{ids_it} g_it^T, so with static shapes only:
+- ghost "gram":    ||grad_i||^2 = sum_{t,s} [ids_it == ids_is] <g_it, g_is>   (T x T per sample)
+- ghost "segment": sort each sample's ids, sum the rows of equal ids into a (T, d) buffer at
+                   their run index (a cumsum of "id changed"), square and sum: T d memory,
+                   no T x T; chosen when T^2 > 4 T d (long sequences, narrow tables)
+- reweighting: the same accumulation with values scaled by R per sample.
+Ids without a batch (a positional table looked up with arange(T)) with values that are a sum
+over the batch of a per-sample tensor (the gradient broadcast back) are un-summed first.
+scale_grad_by_freq couples samples (counts over the batch) and is refused; sparse=True gives a
+sparse gradient, which Dynamo/AOTAutograd do not trace (refused before this pass).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import PrivacyError
+from ..builder import run_node
+from ..layout import Layout, same_shape
+from . import InstantiatedRoute, replay, rule, scale_by_sample, split_batch, weighted_sum
+from .shared import Factors, orientation
+
+aten = torch.ops.aten
+
+_PUTS = (aten._unsafe_masked_index_put_accumulate.default, aten.index_put.default,
+         aten._unsafe_index_put.default)
+_CHAIN = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.clone.default,
+          aten.alias.default, aten.squeeze.dim, aten.squeeze.dims, aten.unsqueeze.default,
+          aten.expand.default, aten._to_copy.default, torch.ops.prims.convert_element_type.default}
+
+
+def _hint(x) -> int:
+    if isinstance(x, int):
+        return x
+    hint = x.node.hint
+    return int(hint) if hint is not None else 8
+
+
+def _is_zeros(node) -> bool:
+    return (node.op == "call_function" and node.target in (aten.full.default, aten.zeros.default)
+            and (node.target == aten.zeros.default or node.args[1] == 0))
+
+
+def _f32(t):
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+class _Source:
+    """Where a root's values come from: batched (a layout) or a sum over the batch (un-summed)."""
+
+    def __init__(self, values, layout=None, summed=None, chain=(), dims=(), keepdim=False):
+        self.values, self.layout, self.summed, self.chain = values, layout, summed, list(chain)
+        self.dims, self.keepdim = dims, keepdim
+
+
+def _source(values, ctx):
+    lay = ctx.layouts.get(values)
+    if isinstance(lay, Layout):
+        return _Source(values, layout=lay) if lay.batch_major else None
+    chain, node = [], values
+    while node.op == "call_function" and node.target in _CHAIN and isinstance(node.args[0], type(node)):
+        chain.insert(0, node)
+        node = node.args[0]
+    if node.target != aten.sum.dim_IntList:
+        return None
+    y = node.args[0]
+    ylay = ctx.layouts.get(y)
+    ndim = y.meta["val"].dim()
+    dims = [d % ndim for d in node.args[1]]
+    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    if not (isinstance(ylay, Layout) and ylay.batch_major and ylay.dim in dims):
+        return None
+    return _Source(values, summed=(node, y, ylay), chain=chain, dims=dims, keepdim=keepdim)
+
+
+class EmbeddingRoute(InstantiatedRoute):
+    def __init__(self, method, contribution, ids, mask, source, num_rows, padding_idx, **kw):
+        super().__init__("embedding", "instantiate" if method == "instantiate" else "ghost",
+                         contribution, **kw)
+        self.method = method  # "gram" | "segment" | "instantiate"
+        self.ids, self.mask, self.source = ids, mask, source
+        self.num_rows, self.padding_idx = num_rows, padding_idx
+
+    # --- traced helpers: per-sample (ids (B, T), rows (B, T, d)) with masked rows zeroed ---
+    def _inputs(self, ctx):
+        src = self.source
+        base = [self.ids, self.mask if self.mask is not None else self.ids]
+        return base + [src.summed[1] if src.summed else src.values, ctx.bref]
+
+    def _per_sample_values(self, src, v, batch):
+        if src.summed is None:
+            return split_batch(v, src.layout, batch)  # (B, inner, ...) batch-major
+        node, y, ylay = src.summed
+        moved = [d + 1 for d in src.dims]
+        per = split_batch(v, ylay, batch).sum(moved, keepdim=src.keepdim)
+        return torch.vmap(lambda t: replay(src.chain, node, t))(per)
+
+    def _rows(self, ctx):
+        src, has_mask, pad = self.source, self.mask is not None, self.padding_idx
+        ids_lay = ctx.layouts.get(self.ids)
+
+        def fn(ids, mask, v, bref):
+            batch = bref.shape[0]
+            vals = self._per_sample_values(src, v, batch)
+            d = vals.shape[-1]
+            if isinstance(ids_lay, Layout):
+                ids_b = split_batch(ids, ids_lay, batch).reshape(batch, -1)
+            else:
+                ids_b = ids.reshape(1, -1).expand(batch, -1)
+            vals = vals.reshape(batch, -1, d)
+            keep = torch.ones_like(ids_b, dtype=torch.bool)
+            if has_mask:
+                m = mask.reshape(mask.shape[:-1]) if mask.dim() == ids.dim() + 1 else mask
+                m = m.expand(ids.shape)
+                if isinstance(ids_lay, Layout):
+                    m = split_batch(m, ids_lay, batch).reshape(batch, -1)
+                else:
+                    m = m.reshape(1, -1).expand(batch, -1)
+                keep = keep & m
+            if pad is not None:
+                keep = keep & (ids_b != pad)
+            vals = vals * keep.unsqueeze(-1).to(vals.dtype)
+            ids_b = torch.where(keep, ids_b, torch.zeros_like(ids_b))
+            return ids_b, vals
+
+        return ctx.builder.call(fn, *self._inputs(ctx))
+
+    def ghost_factors(self, ctx):
+        if orientation(self.contribution.path, self.contribution.root) != "same":
+            return None
+        ids, vals = self._rows(ctx)
+        d = _hint(self.contribution.root.meta["val"].shape[1])
+        return Factors("onehot", ids, vals, _hint(self.num_rows), d)
+
+    def norm_sq(self, ctx):
+        if self.strategy == "instantiate":
+            return super().norm_sq(ctx)
+        ids, vals = self._rows(ctx)
+        if self.method == "gram":
+            return ctx.builder.call(_gram_norm_sq, ids, vals)
+        return ctx.builder.call(_segment_norm_sq, ids, vals)
+
+    def per_sample(self, ctx):
+        ids, vals = self._rows(ctx)
+        c, rows = self.contribution, self.num_rows
+
+        def fn(ids, vals):
+            def one(i, v):
+                table = torch.zeros(rows, v.shape[-1], dtype=v.dtype, device=v.device)
+                return replay(c.path, c.root, table.index_put((i,), v, accumulate=True))
+
+            return torch.vmap(one)(ids, vals)
+
+        return ctx.builder.call(fn, ids, vals)
+
+    def reweighted(self, ctx, clip):
+        if self.strategy == "instantiate":
+            return super().reweighted(ctx, clip)
+        c, src = self.contribution, self.source
+        root = c.root
+        others = [a for a in root.all_input_nodes if a is not src.values]
+
+        def fn(v, r, *other_vals):
+            if src.summed is None:
+                new_values = scale_by_sample(v, src.layout, r)
+            else:
+                new_values = weighted_sum(self._per_sample_values(src, v, r.shape[0]), r)
+            env = dict(zip(others, other_vals))
+            env[src.values] = new_values.to(src.values.meta["val"].dtype)
+            return replay(c.path, root, run_node(root, env))
+
+        v = src.summed[1] if src.summed else src.values
+        return ctx.builder.call(fn, v, clip, *others)
+
+
+def _gram_norm_sq(ids, vals):
+    vals = _f32(vals)
+    same = (ids.unsqueeze(2) == ids.unsqueeze(1)).to(vals.dtype)
+    return (same * torch.bmm(vals, vals.transpose(1, 2))).sum((1, 2))
+
+
+def _segment_norm_sq(ids, vals):
+    vals = _f32(vals)
+    batch, T, d = vals.shape
+    order = torch.argsort(ids, dim=1, stable=True)
+    sorted_ids = torch.gather(ids, 1, order)
+    rows = torch.gather(vals, 1, order.unsqueeze(-1).expand(batch, T, d))
+    # no in-place writes in traced code: the joint graph is functional
+    changed = torch.cat([torch.ones_like(sorted_ids[:, :1]),
+                         (sorted_ids[:, 1:] != sorted_ids[:, :-1]).to(sorted_ids.dtype)], 1)
+    run = changed.cumsum(1) - 1  # (B, T): the run (distinct id) each sorted token belongs to
+    sums = torch.zeros_like(rows).scatter_add(1, run.unsqueeze(-1).expand(batch, T, d), rows)
+    return sums.square().sum((1, 2))
+
+
+def _parse(root):
+    """(ids, mask, values, num_rows, padding_idx) of an embedding-gradient root, else None."""
+    if root.target == aten._unsafe_masked_index_put_accumulate.default:
+        base, mask, indices, values = root.args[:4]
+    elif root.target in (aten.index_put.default, aten._unsafe_index_put.default):
+        base, indices, values = root.args[:3]
+        accumulate = root.args[3] if len(root.args) > 3 else root.kwargs.get("accumulate", False)
+        mask = None
+        if not accumulate:
+            return None
+    elif root.target == aten.embedding_dense_backward.default:
+        values, ids, num_rows, padding_idx, by_freq = root.args[:5]
+        if by_freq:
+            raise PrivacyError(
+                "nn.Embedding(scale_grad_by_freq=True) divides each token's gradient by its count "
+                "over the whole batch, which couples samples: per-sample clipping cannot bound a "
+                "sample's influence. Use scale_grad_by_freq=False.")
+        return ids, None, values, num_rows, (padding_idx if padding_idx >= 0 else None)
+    else:
+        return None
+    if not (_is_zeros(base) and len(indices) == 1 and indices[0] is not None):
+        return None
+    if base.meta["val"].dim() != 2:
+        return None
+    return indices[0], mask, values, base.meta["val"].shape[0], None
+
+
+def choose(batch, T, d, rows):
+    """(strategy, flops, bytes): gram T x T, segment sums, or instantiate the (rows, d) table."""
+    gram = (2 * batch * T * T * (d + 1), 4 * batch * T * T * 2)
+    segment = (batch * T * (d * 4 + 16), 4 * batch * T * d * 3)
+    inst = (2 * batch * T * d, 4 * batch * rows * d)
+    costs = {"gram": gram, "segment": segment, "instantiate": inst}
+    best = min(costs, key=lambda k: costs[k][1] + costs[k][0] / 16)
+    return best, *costs[best]
+
+
+@rule("embedding")
+def match_embedding(contribution, ctx):
+    root = contribution.root
+    parsed = _parse(root)
+    if parsed is None:
+        return None
+    ids, mask, values, num_rows, padding_idx = parsed
+    if ids.meta["val"].dtype not in (torch.int64, torch.int32):
+        return None
+    ids_lay = ctx.layouts.get(ids)
+    if ids in ctx.layouts and not (isinstance(ids_lay, Layout) and ids_lay.batch_major):
+        return None
+    if mask is not None and mask in ctx.layouts and ctx.layouts.get(mask) != ids_lay:
+        return None
+    src = _source(values, ctx)
+    if src is None:
+        return None
+    if src.summed is None:
+        # values hold ids.shape + (d,) with the batch where the ids have it
+        if not (isinstance(ids_lay, Layout) and src.layout == ids_lay):
+            return None
+    elif isinstance(ids_lay, Layout):
+        return None  # batched ids with summed values: not an embedding lookup
+    vshape = values.meta["val"].shape
+    if not same_shape(vshape[:-1], ids.meta["val"].shape) and not (src.summed and len(vshape) == ids.meta["val"].dim() + 1):
+        return None
+    batch = ctx.batch_hint
+    T = _hint(ids.meta["val"].numel()) // (batch if isinstance(ids_lay, Layout) else 1)
+    d = _hint(vshape[-1])
+    method, flops, nbytes = choose(batch, T, d, _hint(num_rows))
+    shapes = {"B": str(ctx.batch_size), "T": str(T), "rows": str(num_rows), "d": str(d), "method": method}
+    return EmbeddingRoute(method, contribution, ids, mask, src, num_rows, padding_idx, shapes=shapes,
+                          extra_flops=flops, extra_bytes=nbytes)

@@ -1,0 +1,164 @@
+"""Shared (tied, reused) parameters: the exact norm of a parameter's TOTAL per-sample gradient.
+
+A parameter used by several ops gets one gradient contribution per use (rewrite.py splits the
+top-level sum). With G_i = sum_k G_ik,
+
+    ||G_i||^2 = sum_k ||G_ik||^2 + 2 sum_{k<l} <G_ik, G_il>
+
+Each own term comes from its route (ghost or instantiated). A cross term comes from ghost
+factors when both routes provide them (Route.ghost_factors), so no (B, *param.shape) tensor is
+ever built for, e.g., a tied embedding / LM head; otherwise from the two per-sample gradients.
+
+Ghost factors describe G_i viewed as a (rows, cols) matrix in the parameter's row-major order:
+- Factors("dense", a, b):  G_i = a_i^T b_i, a (B, T, rows), b (B, T, cols)   (linear: T rows)
+- Factors("onehot", ids, b): G_i = sum_t e_{ids_it} b_it^T, ids (B, T) int, b (B, T, cols)
+  (embedding; masked tokens carry b = 0)
+Cross terms (all per sample, T1 x T2 intermediates only):
+- dense/dense:   sum_{t,s} (a1 a2^T)_ts (b1 b2^T)_ts
+- onehot/dense:  sum_{t,s} a2[s, ids_t] <b1_t, b2_s>   (a gather of the dense rows at the ids,
+                 as in Phantom Clipping: ids, activations and output grads only)
+- onehot/onehot: sum_{t,s} [ids1_t == ids2_s] <b1_t, b2_s>
+Reweighting needs nothing new: sum_i R_i G_i = sum_k (sum_i R_i G_ik), each route's own.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+aten = torch.ops.aten
+
+
+@dataclass
+class Factors:
+    kind: str  # "dense" | "onehot"
+    a: fx.Node
+    b: fx.Node
+    rows: int
+    cols: int
+
+
+_IDENTITY_OPS = {aten.clone.default, aten.alias.default, aten._to_copy.default,
+                 torch.ops.prims.convert_element_type.default, aten.add.Tensor}
+_VIEW_OPS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
+
+
+def _shape(node):
+    return tuple(node.meta["val"].shape)
+
+
+def orientation(path, root) -> str | None:
+    """How `path` (layout ops) maps the 2-D `root` value (m, k) onto the parameter:
+    "same" (parameter = (m, k) in row-major order), "transposed" ((k, m)), None (other)."""
+    swapped, reshaped = False, False
+    prev = _shape(root)
+    if len(prev) != 2:
+        return None
+    for node in path:
+        out = _shape(node)
+        if node.target in _IDENTITY_OPS:
+            pass
+        elif node.target in _VIEW_OPS or node.target in (aten.squeeze.dim, aten.squeeze.dims,
+                                                          aten.unsqueeze.default):
+            if out != prev:
+                if swapped:
+                    return None  # a reshape of a transposed matrix: not a plain transpose
+                reshaped = True
+        elif node.target in (aten.permute.default, aten.t.default, aten.transpose.int):
+            if reshaped or len(out) != 2:
+                return None
+            if node.target == aten.permute.default:
+                perm = [p % 2 for p in node.args[1]]
+                swapped ^= perm == [1, 0]
+            elif node.target == aten.t.default:
+                swapped = not swapped
+            else:
+                d0, d1 = node.args[1] % 2, node.args[2] % 2
+                swapped ^= d0 != d1
+        else:
+            return None
+        prev = out
+    return "transposed" if swapped else "same"
+
+
+def _f32(t):
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _dense_dense(a1, b1, a2, b2):
+    a1, b1, a2, b2 = map(_f32, (a1, b1, a2, b2))
+    return (torch.bmm(a1, a2.transpose(1, 2)) * torch.bmm(b1, b2.transpose(1, 2))).sum((1, 2))
+
+
+def _onehot_dense(ids, b1, a2, b2):
+    # a2[s, ids_t] for every (s, t): (B, T2, T1)
+    b1, a2, b2 = map(_f32, (b1, a2, b2))
+    picked = torch.gather(a2, 2, ids.unsqueeze(1).expand(ids.shape[0], a2.shape[1], ids.shape[1]))
+    return (picked * torch.bmm(b2, b1.transpose(1, 2))).sum((1, 2))
+
+
+def _onehot_onehot(ids1, b1, ids2, b2):
+    b1, b2 = _f32(b1), _f32(b2)
+    same = (ids1.unsqueeze(2) == ids2.unsqueeze(1)).to(b1.dtype)
+    return (same * torch.bmm(b1, b2.transpose(1, 2))).sum((1, 2))
+
+
+def _cross(builder, f1: Factors, f2: Factors):
+    if f1.kind == "dense" and f2.kind == "dense":
+        return builder.call(_dense_dense, f1.a, f1.b, f2.a, f2.b)
+    if f1.kind == "onehot" and f2.kind == "onehot":
+        return builder.call(_onehot_onehot, f1.a, f1.b, f2.a, f2.b)
+    if f1.kind == "dense":
+        f1, f2 = f2, f1
+    return builder.call(_onehot_dense, f1.a, f1.b, f2.a, f2.b)
+
+
+def _dot(p1, p2):
+    p1, p2 = _f32(p1), _f32(p2)
+    return (p1.reshape(p1.shape[0], -1) * p2.reshape(p2.shape[0], -1)).sum(1)
+
+
+def shared_norm_sq(routes, ctx):
+    """(B,) squared norms of the total per-sample gradient of a parameter with several uses."""
+    b = ctx.builder
+    terms = [r.norm_sq(ctx) for r in routes]
+    factors = [r.ghost_factors(ctx) for r in routes]
+    for k in range(len(routes)):
+        for l in range(k + 1, len(routes)):
+            fk, fl = factors[k], factors[l]
+            ghost_pair = "ghost" in (routes[k].strategy, routes[l].strategy)
+            if fk is not None and fl is not None and ghost_pair and (fk.rows, fk.cols) == (fl.rows, fl.cols):
+                terms.append(_cross(b, fk, fl))
+            else:
+                for r in (routes[k], routes[l]):
+                    r.cross_instantiated = True
+                terms.append(b.call(_dot, ctx.per_sample(routes[k]), ctx.per_sample(routes[l])))
+    n_own = len(routes)
+
+    def total(*ts):
+        own = sum(_f32(t) for t in ts[:n_own])
+        cross = sum(_f32(t) for t in ts[n_own:])
+        return (own + 2 * cross).clamp(min=0)  # >= 0 exactly; rounding may dip below
+
+    return b.call(total, *terms)
+
+
+def shared_reweighted(routes, ctx, clip):
+    """sum_i R_i G_i for a shared parameter: the sum of every use's reweighted gradient."""
+    parts = [r.reweighted(ctx, clip) for r in routes]
+
+    def total(*ps):
+        out = ps[0]
+        for p in ps[1:]:
+            out = out + p.to(out.dtype).reshape(out.shape)
+        return out
+
+    return ctx.builder.call(total, *parts)
+
+
+def strategy_of(routes) -> str:
+    """"ghost" when every use and every cross term of a parameter avoided per-sample gradients."""
+    if all(r.strategy == "ghost" and not getattr(r, "cross_instantiated", False) for r in routes):
+        return "ghost"
+    return "instantiate"
