@@ -341,6 +341,8 @@ JOBS = {
                                                 width=WIDE),
         "torch_ddp_split": _torch_ddp_splits_the_graph,
         "blocks_compiled": lambda r, w: _per_block(r, w, "allreduce", "flat", compiled=True),
+        # torchtitan's layout: each privatized block compiled, then sharded with FSDP2
+        "fsdp_blocks_compiled": lambda r, w: _per_block(r, w, "fsdp", "flat", compiled=True),
     },
 }
 
@@ -487,7 +489,8 @@ def test_fsdp2_noise_is_added_once_per_coordinate(fsdp_job):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["allreduce_compiled", "ddp_compiled", "blocks_compiled"])
+@pytest.mark.parametrize("name", ["allreduce_compiled", "ddp_compiled", "blocks_compiled",
+                                  "fsdp_blocks_compiled"])
 def test_compiled_data_parallel_equals_the_reference(compiled_job, name):
     for res in _get(compiled_job, name):
         assert res["err"] < 1e-12 * max(1.0, res["scale"]), res
