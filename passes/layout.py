@@ -688,3 +688,60 @@ def _index_put_accumulate(node, layouts, B):
     if base in layouts:
         return None
     return MIXED  # rows of a shared table written from (possibly) every sample
+
+
+@layout_rule(aten.select_scatter.default)
+def _select_scatter(node, layouts, B):
+    """select_scatter(base, src, dim, index): src (one dim fewer) written into base at index."""
+    base, src, dim = node.args[:3]
+    ndim = len(_shape(node))
+    dim = _dim(dim, ndim)
+    out = None
+    if src in layouts:
+        lay = layouts[src]
+        out = Layout(lay.dim + (1 if dim <= lay.dim else 0), lay.outer, lay.inner)
+    if base in layouts:
+        if layouts[base].dim == dim or (out is not None and layouts[base] != out):
+            return None
+        out = layouts[base]
+    return out if out is not None and fits(out, _shape(node), B) else None
+
+
+@layout_rule(aten.slice_scatter.default)
+def _slice_scatter(node, layouts, B):
+    """slice_scatter(base, src, dim, ...): src written into a slice of base along dim."""
+    base, src = node.args[:2]
+    dim = _dim(_arg(node, 2, "dim", 0), len(_shape(node)))
+    lay = _one(layouts[a] for a in (base, src) if a in layouts)
+    if lay is None or (lay.dim == dim and not same_shape(_shape(src), _shape(node))):
+        return None
+    return lay if fits(lay, _shape(node), B) else None
+
+
+def _prims_op(name: str):
+    """prims.<name>.default, registered by Inductor (loaded by passes._torch), or None."""
+    packet = getattr(torch.ops.prims, name, None)
+    return getattr(packet, "default", None) if packet is not None else None
+
+
+# Inductor decomposes max pooling into these: each sample's window maxima, sample by sample.
+register_per_sample(
+    _prims_op("_low_memory_max_pool_with_offsets"),
+    _prims_op("_low_memory_max_pool_offsets_to_indices"),
+    aten.max_pool2d_with_indices_backward.default, aten.max_pool3d_with_indices_backward.default,
+    aten.avg_pool2d_backward.default, aten.avg_pool3d_backward.default,
+    aten._adaptive_avg_pool2d_backward.default,
+)
+
+
+@layout_rule(aten.scatter_add.default, aten.scatter.src, aten.scatter.value, aten.scatter_reduce.two)
+def _scatter(node, layouts, B):
+    """scatter*(base, dim, index, src): rows of dim 0... are written within each sample when the
+    batch dim is not the scatter dim and every batched operand (and the output) agree on it."""
+    dim = _dim(node.args[1], len(_shape(node)))
+    lay = _one(layouts[a] for a in node.all_input_nodes if a in layouts)
+    if lay is None or lay.dim == dim:
+        return None
+    if not known_equal(_shape(node)[lay.dim], _shape(node.args[2])[lay.dim]):
+        return None
+    return lay if fits(lay, _shape(node), B) else None

@@ -84,19 +84,25 @@ def norm_sq_of(per_sample: torch.Tensor) -> torch.Tensor:
 
 
 def split_batch(x: torch.Tensor, layout, batch: int) -> torch.Tensor:
-    """View dim `layout.dim` (size B * inner, batch-major) as (B, inner), moved to the front."""
+    """View dim `layout.dim` (size outer * B * inner) as (B, outer * inner), B moved to the front
+    (for batch-major layouts, outer = 1, a view)."""
     d = layout.dim
     shape = list(x.shape)
-    x = x.reshape(shape[:d] + [batch, shape[d] // batch] + shape[d + 1:])
-    return x.movedim(d, 0)
+    if isinstance(layout.outer, int) and layout.outer == 1:
+        x = x.reshape(shape[:d] + [batch, shape[d] // batch] + shape[d + 1:])
+        return x.movedim(d, 0)
+    outer = layout.outer
+    x = x.reshape(shape[:d] + [outer, batch, shape[d] // (outer * batch)] + shape[d + 1:])
+    x = x.movedim(d + 1, 0)  # (B, ..., outer, inner, ...)
+    return x.reshape([batch] + shape[:d] + [shape[d] // batch] + shape[d + 1:])
 
 
 def scale_by_sample(x: torch.Tensor, layout, clip: torch.Tensor) -> torch.Tensor:
     """Multiply each sample's part of x by its clip factor (x keeps its shape)."""
-    d, batch = layout.dim, clip.shape[0]
+    d, batch, outer = layout.dim, clip.shape[0], layout.outer
     shape = list(x.shape)
-    split = shape[:d] + [batch, shape[d] // batch] + shape[d + 1:]
-    factor = clip.to(x.dtype).reshape([1] * d + [batch, 1] + [1] * (len(shape) - d - 1))
+    split = shape[:d] + [outer, batch, shape[d] // (batch * outer)] + shape[d + 1:]
+    factor = clip.to(x.dtype).reshape([1] * d + [1, batch, 1] + [1] * (len(shape) - d - 1))
     return (x.reshape(split) * factor).reshape(shape)
 
 

@@ -58,7 +58,7 @@ class LinearRoute(InstantiatedRoute):
         if self.strategy == "instantiate":
             return super().norm_sq(ctx)
         lx, ly = self.lx, self.ly
-        one_row = known_equal(lx.inner, 1)
+        one_row = known_equal(lx.inner, 1) and known_equal(lx.outer, 1)
         return ctx.builder.call(lambda x, y, b: _gram_norm_sq(x, y, lx, ly, b, one_row),
                                 self.x, self.y, ctx.bref)
 
@@ -101,12 +101,12 @@ def match_linear(contribution, ctx):
     lx, ly = ctx.layouts.get(x), ctx.layouts.get(y)
     if not (isinstance(lx, Layout) and isinstance(ly, Layout)):
         return None
-    if lx.dim != 1 or ly.dim != 0 or not (lx.batch_major and ly.batch_major):
+    if lx.dim != 1 or ly.dim != 0:
         return None
-    if not known_equal(lx.inner, ly.inner):
+    if not (known_equal(lx.inner, ly.inner) and known_equal(lx.outer, ly.outer)):
         return None
     batch = ctx.batch_hint
-    T = _hint(lx.inner)
+    T = _hint(lx.inner) * _hint(lx.outer)  # rows per sample (outer > 1: sequence-first)
     m, k = _hint(x.meta["val"].shape[0]), _hint(y.meta["val"].shape[1])
     ghost_flops = 2 * batch * (T * (m + k) if T == 1 else T * T * (m + k + 1))
     inst_flops = 2 * batch * T * m * k

@@ -49,7 +49,7 @@ def match_unreduce(contribution, ctx):
         return None
     x = root.args[0]
     layout = ctx.layouts.get(x)
-    if not isinstance(layout, Layout) or not layout.batch_major:
+    if not isinstance(layout, Layout):  # outer > 1 (sequence-first rows): split_batch handles it
         return None
     dims, keepdim = _summed_dims(root)
     if layout.dim not in dims:
