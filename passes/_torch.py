@@ -9,6 +9,7 @@ import torch._dynamo.exc as _dynamo_exc
 from torch._guards import detect_fake_mode as _detect_fake_mode
 from torch._inductor import config as _inductor_config
 from torch._inductor.custom_graph_pass import CustomGraphPass
+import torch._inductor.lowering  # noqa: F401,E402  (registers the prims Inductor decomposes into)
 
 
 class DynamoPassthroughError(_dynamo_exc.ShortenTraceback):
@@ -31,7 +32,6 @@ def is_compiling() -> bool:
 
 
 def inductor_decompositions():
-    import torch._inductor.lowering  # noqa: F401  (registers the prims some decompositions emit)
     from torch._inductor.decomposition import select_decomp_table
 
     return select_decomp_table()

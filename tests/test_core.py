@@ -181,3 +181,12 @@ def test_group_wise_clipping_clips_each_group(clipping):
 def test_clipping_groups_must_cover_every_parameter():
     with pytest.raises(ValueError, match="missing"):
         fxclip.privatize(nn.Linear(2, 2), max_grad_norm=1.0, clipping=[["weight"]])
+
+
+def test_max_pool_cnn_is_routed_through_conv_rules():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Conv2d(4, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).double()
+    x, y = torch.randn(4, 3, 8, 8, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    report = check_step(model, fxclip.privatize(model, max_grad_norm=0.5), x, y, 0.5, "mean")
+    rules = {r.name: r.rule for r in report.params}
+    assert rules["0.weight"] == "conv" and rules["1.weight"] == "unreduce"  # not the fallback
