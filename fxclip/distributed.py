@@ -35,9 +35,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data import default_collate as _default_collate
 
 from .accounting import Accountant, noise_multiplier_for
-from .optim import _LOW_PRECISION, DPOptimizer, _privatized_parts, _unwrap, secure_normal
+from .optim import _LOW_PRECISION, DPOptimizer, _privatized_parts, _unwrap
 from .passes import PrivacyError, _torch
-from .privatize import PrivatizedModule, _clipping_groups, privatize
+from .privatize import _clipping_groups, privatize
 from .sampling import _EmptyAwareCollate
 
 __all__ = ["DistributedDataParallel", "DistributedDPOptimizer", "DistributedPoissonBatchSampler",
