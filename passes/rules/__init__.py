@@ -88,7 +88,7 @@ def split_batch(x: torch.Tensor, layout, batch: int) -> torch.Tensor:
     (for batch-major layouts, outer = 1, a view)."""
     d = layout.dim
     shape = list(x.shape)
-    if isinstance(layout.outer, int) and layout.outer == 1:
+    if isinstance(layout.outer, int) and layout.outer == 1:  # see normalized()
         x = x.reshape(shape[:d] + [batch, shape[d] // batch] + shape[d + 1:])
         return x.movedim(d, 0)
     outer = layout.outer
@@ -97,9 +97,20 @@ def split_batch(x: torch.Tensor, layout, batch: int) -> torch.Tensor:
     return x.reshape([batch] + shape[:d] + [shape[d] // batch] + shape[d + 1:])
 
 
+def normalized(layout):
+    """The layout with a plain int `outer` (rules call this OUTSIDE traced fns: a symbolic size
+    read inside one is not an input of the trace), or None for a symbolic outer other than 1."""
+    from ..layout import Layout, known_equal
+
+    if known_equal(layout.outer, 1):
+        return Layout(layout.dim, 1, layout.inner)
+    return layout if isinstance(layout.outer, int) else None
+
+
 def scale_by_sample(x: torch.Tensor, layout, clip: torch.Tensor) -> torch.Tensor:
     """Multiply each sample's part of x by its clip factor (x keeps its shape)."""
-    d, batch, outer = layout.dim, clip.shape[0], layout.outer
+    d, batch = layout.dim, clip.shape[0]
+    outer = layout.outer
     shape = list(x.shape)
     split = shape[:d] + [outer, batch, shape[d] // (batch * outer)] + shape[d + 1:]
     factor = clip.to(x.dtype).reshape([1] * d + [1, batch, 1] + [1] * (len(shape) - d - 1))

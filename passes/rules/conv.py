@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..layout import Layout
-from . import InstantiatedRoute, replay, rule, scale_by_sample, weighted_sum
+from . import InstantiatedRoute, normalized, replay, rule, scale_by_sample, weighted_sum
 
 aten = torch.ops.aten
 
@@ -193,6 +193,7 @@ def match_conv(contribution, ctx):
     if not (isinstance(lay, Layout) and lay.dim == 0 and lay.batch_major
             and ctx.layouts.get(x) == lay and weight not in ctx.layouts):
         return None
+    lay = normalized(lay)
     batch = ctx.batch_hint
     out_shape = grad_out.meta["val"].shape
     inner = _hint(lay.inner)

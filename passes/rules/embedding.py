@@ -21,7 +21,7 @@ import torch
 from ..errors import PrivacyError
 from ..builder import run_node
 from ..layout import Layout, same_shape
-from . import InstantiatedRoute, replay, rule, scale_by_sample, split_batch, weighted_sum
+from . import InstantiatedRoute, normalized, replay, rule, scale_by_sample, split_batch, weighted_sum
 from .shared import Factors, orientation
 
 aten = torch.ops.aten
@@ -60,7 +60,7 @@ class _Source:
 def _source(values, ctx):
     lay = ctx.layouts.get(values)
     if isinstance(lay, Layout):
-        return _Source(values, layout=lay) if lay.batch_major else None
+        return _Source(values, layout=normalized(lay)) if lay.batch_major else None
     chain, node = [], values
     while node.op == "call_function" and node.target in _CHAIN and isinstance(node.args[0], type(node)):
         chain.insert(0, node)
@@ -74,7 +74,7 @@ def _source(values, ctx):
     keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
     if not (isinstance(ylay, Layout) and ylay.batch_major and ylay.dim in dims):
         return None
-    return _Source(values, summed=(node, y, ylay), chain=chain, dims=dims, keepdim=keepdim)
+    return _Source(values, summed=(node, y, normalized(ylay)), chain=chain, dims=dims, keepdim=keepdim)
 
 
 class EmbeddingRoute(InstantiatedRoute):
@@ -241,6 +241,9 @@ def match_embedding(contribution, ctx):
     if parsed is None:
         return None
     ids, mask, values, num_rows, padding_idx = parsed
+    for node in (ids, mask, values):  # plain int layouts (read inside traced fns)
+        if isinstance(ctx.layouts.get(node), Layout) and ctx.layouts[node].batch_major:
+            ctx.layouts[node] = normalized(ctx.layouts[node])
     if ids.meta["val"].dtype not in (torch.int64, torch.int32):
         return None
     ids_lay = ctx.layouts.get(ids)

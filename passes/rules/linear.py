@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..layout import Layout, known_equal
-from . import InstantiatedRoute, replay, rule, scale_by_sample, split_batch
+from . import InstantiatedRoute, normalized, replay, rule, scale_by_sample, split_batch
 
 aten = torch.ops.aten
 
@@ -102,6 +102,9 @@ def match_linear(contribution, ctx):
     if not (isinstance(lx, Layout) and isinstance(ly, Layout)):
         return None
     if lx.dim != 1 or ly.dim != 0:
+        return None
+    lx, ly = normalized(lx), normalized(ly)
+    if lx is None or ly is None:
         return None
     if not (known_equal(lx.inner, ly.inner) and known_equal(lx.outer, ly.outer)):
         return None

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..layout import Layout
-from . import InstantiatedRoute, replay, rule, split_batch
+from . import InstantiatedRoute, normalized, replay, rule, split_batch
 
 aten = torch.ops.aten
 
@@ -49,7 +49,10 @@ def match_unreduce(contribution, ctx):
         return None
     x = root.args[0]
     layout = ctx.layouts.get(x)
-    if not isinstance(layout, Layout):  # outer > 1 (sequence-first rows): split_batch handles it
+    if not isinstance(layout, Layout):
+        return None
+    layout = normalized(layout)  # outer > 1 (sequence-first rows): split_batch handles it
+    if layout is None:
         return None
     dims, keepdim = _summed_dims(root)
     if layout.dim not in dims:
