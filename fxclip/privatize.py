@@ -216,8 +216,26 @@ def privatize(model: nn.Module, *, max_grad_norm: float, loss_reduction: str = "
         raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
     if nonfinite not in NONFINITE:
         raise ValueError(f"nonfinite must be 'refuse' or 'drop', got {nonfinite!r}")
+    _refuse_unsupported_modules(model)
     _compile.install()
     return PrivatizedModule(model, max_grad_norm, loss_reduction, clipping, nonfinite)
+
+
+def _refuse_unsupported_modules(model: nn.Module) -> None:
+    """Modules whose trainable parameters the graph pass cannot reach, refused by name."""
+    for path, module in model.named_modules():
+        where = f"{type(module).__name__} at {path or '<root>'!r}"
+        trainable = any(p.requires_grad for p in module.parameters(recurse=False))
+        if isinstance(module, nn.RNNBase) and trainable:
+            raise PrivacyError(
+                f"{where}: recurrent modules (nn.LSTM/GRU/RNN) run as one fused op that "
+                "torch.compile does not trace into a graph, so fxclip cannot clip their per-sample "
+                "gradients. Write the recurrence with nn.Linear cells (e.g. an LSTMCell-style loop), "
+                "or freeze the module (requires_grad_(False)).")
+        if isinstance(module, nn.Embedding) and module.sparse and trainable:
+            raise PrivacyError(
+                f"{where}: sparse=True gives sparse gradients, which the joint graph cannot carry "
+                "per sample. Use nn.Embedding(..., sparse=False).")
 
 
 def unprivatize(pm: nn.Module) -> nn.Module:
