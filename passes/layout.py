@@ -54,6 +54,14 @@ def known_equal(a, b) -> bool:
     return statically_known_true(a == b)
 
 
+def size_hint(x) -> int:
+    """A concrete value for a (possibly symbolic) size, for cost estimates only: never a guard."""
+    if isinstance(x, int):
+        return x
+    hint = x.node.hint
+    return int(hint) if hint is not None else 8
+
+
 def same_shape(a, b) -> bool:
     """Shape equality that never installs a guard on symbolic sizes."""
     return len(a) == len(b) and all(known_equal(x, y) for x, y in zip(a, b))

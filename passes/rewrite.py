@@ -14,7 +14,7 @@ from . import ops
 from ._torch import input_index, output_descriptors
 from .builder import GraphBuilder
 from .errors import PrivacyError
-from .layout import Layout, analyze, known_equal, same_shape
+from .layout import Layout, analyze, known_equal, same_shape, size_hint
 from .mixing import check_batch_independence, check_no_batch_state, model_region
 from .report import ParamRoute, RewriteReport, rule_counters
 from .rules import RULES, Contribution, norm_sq_of, weighted_sum
@@ -46,7 +46,7 @@ class Context:
         self.graph, self.builder, self.layouts = graph, builder, layouts
         self.bref = bref  # a (B, ...) tensor node: inside traced fns, B = bref.shape[0]
         self.batch_size = bref.meta["val"].shape[0]
-        self.batch_hint = _hint(self.batch_size)
+        self.batch_hint = size_hint(self.batch_size)
         self.output_grads = output_grads
         self.after_output_grads = _descendants(output_grads)
         self.param_shape: tuple = ()
@@ -57,13 +57,6 @@ class Context:
         if id(route) not in self._per_sample:
             self._per_sample[id(route)] = route.per_sample(self)
         return self._per_sample[id(route)]
-
-
-def _hint(x) -> int:
-    if isinstance(x, int):
-        return x
-    hint = x.node.hint
-    return int(hint) if hint is not None else 8
 
 
 def _descendants(seeds) -> set:
@@ -237,7 +230,7 @@ def rewrite_joint_graph(graph: fx.Graph) -> RewriteReport | None:
             continue  # unused in this forward: it gets no gradient at all
         grad = output.args[0][grad_slots[param]]
         ctx.param_shape = tuple(param.meta["val"].shape)
-        ctx.param_numel = _hint(param.meta["val"].numel())
+        ctx.param_numel = size_hint(param.meta["val"].numel())
         found = [_route(c, ctx) for c in _contributions(grad, ctx.after_output_grads)]
         routes[param] = found
         builder.tag = {"param": name, "role": "norm"}
@@ -289,9 +282,9 @@ def _check_batch_sizes(batch_nodes, model_outputs, B) -> None:
             shape = node.meta["val"].shape
             if len(shape) == 0 or not known_equal(shape[0], B):
                 size = ("no batch dimension (a 0-d tensor, e.g. a mean loss computed inside the "
-                        "model)") if len(shape) == 0 else f"batch size {_hint(shape[0])}"
+                        "model)") if len(shape) == 0 else f"batch size {size_hint(shape[0])}"
                 raise PrivacyError(
-                    f"a model {kind} has {size} but the first input has batch size {_hint(B)}: every "
+                    f"a model {kind} has {size} but the first input has batch size {size_hint(B)}: every "
                     "tensor input and output of a privatized model must hold one row per sample "
                     "in dim 0. Pass per-sample tensors (shared constants belong in the module as "
                     "buffers), and return per-sample outputs (logits, or unreduced losses of shape "

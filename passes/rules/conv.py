@@ -28,19 +28,12 @@ import operator
 import torch
 import torch.nn.functional as F
 
-from ..layout import Layout
+from ..layout import Layout, size_hint
 from . import InstantiatedRoute, normalized, replay, rule, scale_by_sample, weighted_sum
 
 aten = torch.ops.aten
 
 FLOPS_PER_BYTE = 16
-
-
-def _hint(x) -> int:
-    if isinstance(x, int):
-        return x
-    hint = x.node.hint
-    return int(hint) if hint is not None else 8
 
 
 def _conv_args(cb):
@@ -196,15 +189,15 @@ def match_conv(contribution, ctx):
     lay = normalized(lay)
     batch = ctx.batch_hint
     out_shape = grad_out.meta["val"].shape
-    inner = _hint(lay.inner)
-    T = inner * math.prod(_hint(s) for s in out_shape[2:])
+    inner = size_hint(lay.inner)
+    T = inner * math.prod(size_hint(s) for s in out_shape[2:])
     shapes = {"B": str(ctx.batch_size), "T": str(T), "x": str(tuple(x.meta["val"].shape)),
               "weight": str(tuple(weight.meta["val"].shape)), "groups": str(conv["groups"])}
     if root.args[1] == 2:
-        p = _hint(out_shape[1])
+        p = size_hint(out_shape[1])
         return ConvBiasRoute(contribution, grad_out, shapes=shapes, extra_flops=batch * T * p,
                              extra_bytes=4 * batch * p)
-    wshape = [_hint(s) for s in weight.meta["val"].shape]
+    wshape = [size_hint(s) for s in weight.meta["val"].shape]
     g = conv["groups"]
     if conv["transposed"]:
         strategy, flops, nbytes = "instantiate", 2 * batch * T * math.prod(wshape), 4 * batch * math.prod(wshape)

@@ -20,7 +20,7 @@ import torch
 
 from ..errors import PrivacyError
 from ..builder import run_node
-from ..layout import Layout, same_shape
+from ..layout import Layout, same_shape, size_hint
 from . import InstantiatedRoute, normalized, replay, rule, scale_by_sample, split_batch, weighted_sum
 from .shared import Factors, orientation
 
@@ -31,13 +31,6 @@ _PUTS = (aten._unsafe_masked_index_put_accumulate.default, aten.index_put.defaul
 _CHAIN = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.clone.default,
           aten.alias.default, aten.squeeze.dim, aten.squeeze.dims, aten.unsqueeze.default,
           aten.expand.default, aten._to_copy.default, torch.ops.prims.convert_element_type.default}
-
-
-def _hint(x) -> int:
-    if isinstance(x, int):
-        return x
-    hint = x.node.hint
-    return int(hint) if hint is not None else 8
 
 
 def _is_zeros(node) -> bool:
@@ -133,8 +126,8 @@ class EmbeddingRoute(InstantiatedRoute):
         if orientation(self.contribution.path, self.contribution.root) != "same":
             return None
         ids, vals = self._rows(ctx)
-        d = _hint(self.contribution.root.meta["val"].shape[1])
-        return Factors("onehot", ids, vals, _hint(self.num_rows), d)
+        d = size_hint(self.contribution.root.meta["val"].shape[1])
+        return Factors("onehot", ids, vals, size_hint(self.num_rows), d)
 
     def norm_sq(self, ctx):
         if self.strategy == "instantiate":
@@ -264,9 +257,9 @@ def match_embedding(contribution, ctx):
     if not same_shape(vshape[:-1], ids.meta["val"].shape) and not (src.summed and len(vshape) == ids.meta["val"].dim() + 1):
         return None
     batch = ctx.batch_hint
-    T = _hint(ids.meta["val"].numel()) // (batch if isinstance(ids_lay, Layout) else 1)
-    d = _hint(vshape[-1])
-    method, flops, nbytes = choose(batch, T, d, _hint(num_rows))
+    T = size_hint(ids.meta["val"].numel()) // (batch if isinstance(ids_lay, Layout) else 1)
+    d = size_hint(vshape[-1])
+    method, flops, nbytes = choose(batch, T, d, size_hint(num_rows))
     shapes = {"B": str(ctx.batch_size), "T": str(T), "rows": str(num_rows), "d": str(d), "method": method}
     return EmbeddingRoute(method, contribution, ids, mask, src, num_rows, padding_idx, shapes=shapes,
                           extra_flops=flops, extra_bytes=nbytes)

@@ -10,14 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from ..layout import Layout, known_equal
+from ..layout import Layout, known_equal, size_hint
 from . import InstantiatedRoute, normalized, replay, rule, scale_by_sample, split_batch
 
 aten = torch.ops.aten
-
-
-def _hint(x) -> int:
-    return x if isinstance(x, int) else x.node.hint if x.node.hint is not None else 1
 
 
 def _rows(x, layout: Layout, batch: int):
@@ -72,14 +68,14 @@ class LinearRoute(InstantiatedRoute):
             return None
         a, b = ctx.builder.call(lambda x, y, bref: (_rows(x, lx, bref.shape[0]),
                                                     _rows(y, ly, bref.shape[0])), self.x, self.y, ctx.bref)
-        m, k = (_hint(s) for s in c.root.meta["val"].shape)
+        m, k = (size_hint(s) for s in c.root.meta["val"].shape)
         return Factors("dense", a, b, m, k) if way == "same" else Factors("dense", b, a, k, m)
 
     def reweighted(self, ctx, clip):
         if self.strategy == "instantiate":
             return super().reweighted(ctx, clip)
         c, lx, ly = self.contribution, self.lx, self.ly
-        scale_x = _hint(self.x.meta["val"].numel()) <= _hint(self.y.meta["val"].numel())
+        scale_x = size_hint(self.x.meta["val"].numel()) <= size_hint(self.y.meta["val"].numel())
 
         def fn(x, y, r):
             if scale_x:
@@ -109,8 +105,8 @@ def match_linear(contribution, ctx):
     if not (known_equal(lx.inner, ly.inner) and known_equal(lx.outer, ly.outer)):
         return None
     batch = ctx.batch_hint
-    T = _hint(lx.inner) * _hint(lx.outer)  # rows per sample (outer > 1: sequence-first)
-    m, k = _hint(x.meta["val"].shape[0]), _hint(y.meta["val"].shape[1])
+    T = size_hint(lx.inner) * size_hint(lx.outer)  # rows per sample (outer > 1: sequence-first)
+    m, k = size_hint(x.meta["val"].shape[0]), size_hint(y.meta["val"].shape[1])
     ghost_flops = 2 * batch * (T * (m + k) if T == 1 else T * T * (m + k + 1))
     inst_flops = 2 * batch * T * m * k
     strategy = "ghost" if ghost_flops <= inst_flops else "instantiate"
