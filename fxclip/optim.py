@@ -70,6 +70,12 @@ def secure_normal(shape, *, dtype=torch.float64) -> torch.Tensor:
     return torch.from_numpy(z).reshape(shape).to(dtype)
 
 
+def _delegated(name: str) -> property:
+    """An attribute read from and written to the wrapped optimizer."""
+    return property(lambda self: getattr(self.original_optimizer, name),
+                    lambda self, value: setattr(self.original_optimizer, name, value))
+
+
 class DPOptimizer(torch.optim.Optimizer):
     """Wraps `optimizer` so that step() performs a DP-SGD step on the clipped gradients.
 
@@ -179,29 +185,9 @@ class DPOptimizer(torch.optim.Optimizer):
                        for p in self._params]
 
     # --- delegate the optimizer state so schedulers and user code see the inner optimizer ---
-    @property
-    def param_groups(self):
-        return self.original_optimizer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value):
-        self.original_optimizer.param_groups = value
-
-    @property
-    def state(self):
-        return self.original_optimizer.state
-
-    @state.setter
-    def state(self, value):
-        self.original_optimizer.state = value
-
-    @property
-    def defaults(self):
-        return self.original_optimizer.defaults
-
-    @defaults.setter
-    def defaults(self, value):
-        self.original_optimizer.defaults = value
+    param_groups = _delegated("param_groups")
+    state = _delegated("state")
+    defaults = _delegated("defaults")
 
     def add_param_group(self, param_group):
         raise NotImplementedError("add parameter groups to the inner optimizer before wrapping it")
