@@ -141,6 +141,33 @@ def test_embedding_rule_padding_and_positional(method, monkeypatch):
     assert fired("embedding") >= before + 2
 
 
+class RepeatedPositions(nn.Module):
+    """Position ids built without the batch but batch-shaped: arange(T).repeat(B, 1) / .expand."""
+
+    def __init__(s, how):
+        super().__init__()
+        s.how = how
+        s.e = nn.Embedding(20, 6)
+        s.pos = nn.Embedding(5, 6)
+        s.h = nn.Linear(6, 20, bias=False)
+
+    def forward(s, x):
+        b, t = x.shape
+        pos = torch.arange(t).repeat(b, 1) if s.how == "repeat" else torch.arange(t).expand(b, t)
+        return s.h(torch.tanh(s.e(x) + s.pos(pos)))
+
+
+@pytest.mark.parametrize("how", ["repeat", "expand"])
+@pytest.mark.parametrize("method", ["gram", "segment", "instantiate"])
+def test_embedding_rule_batch_shaped_constant_ids(how, method, monkeypatch):
+    monkeypatch.setattr(emb_rule, "choose", lambda *a: (method, 0, 0))
+    before = fired("embedding")
+    routes = run_check(RepeatedPositions(how), (_tokens(),))
+    assert routes["pos.weight"].rule == "embedding"
+    assert routes["pos.weight"].shapes["method"] == method
+    assert fired("embedding") >= before + 2
+
+
 def test_embedding_refuses_scale_grad_by_freq():
     m = nn.Sequential(nn.Embedding(10, 4, scale_grad_by_freq=True), nn.Linear(4, 2))
     pm = fxclip.privatize(m, max_grad_norm=1.0)

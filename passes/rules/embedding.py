@@ -71,11 +71,13 @@ def _source(values, ctx):
 
 
 class EmbeddingRoute(InstantiatedRoute):
-    def __init__(self, method, contribution, ids, mask, source, num_rows, padding_idx, **kw):
+    def __init__(self, method, contribution, ids, ids_layout, mask, source, num_rows, padding_idx,
+                 **kw):
         super().__init__("embedding", "instantiate" if method == "instantiate" else "ghost",
                          contribution, **kw)
         self.method = method  # "gram" | "segment" | "instantiate"
         self.ids, self.mask, self.source = ids, mask, source
+        self.ids_layout = ids_layout  # how to split the ids per sample; None: shared by all
         self.num_rows, self.padding_idx = num_rows, padding_idx
 
     # --- traced helpers: per-sample (ids (B, T), rows (B, T, d)) with masked rows zeroed ---
@@ -94,7 +96,7 @@ class EmbeddingRoute(InstantiatedRoute):
 
     def _rows(self, ctx):
         src, has_mask, pad = self.source, self.mask is not None, self.padding_idx
-        ids_lay = ctx.layouts.get(self.ids)
+        ids_lay = self.ids_layout
 
         def fn(ids, mask, v, bref):
             batch = bref.shape[0]
@@ -247,13 +249,17 @@ def match_embedding(contribution, ctx):
     src = _source(values, ctx)
     if src is None:
         return None
+    vshape = values.meta["val"].shape
     if src.summed is None:
-        # values hold ids.shape + (d,) with the batch where the ids have it
+        # values hold ids.shape + (d,) with the batch where the ids have it. Ids computed
+        # without the batch but batch-shaped (arange(T).repeat(B, 1)) are split where the
+        # values are: row r's gradient comes from the sample that owns row r.
+        if ids_lay is None and same_shape(vshape[:-1], ids.meta["val"].shape):
+            ids_lay = src.layout
         if not (isinstance(ids_lay, Layout) and src.layout == ids_lay):
             return None
     elif isinstance(ids_lay, Layout):
         return None  # batched ids with summed values: not an embedding lookup
-    vshape = values.meta["val"].shape
     if not same_shape(vshape[:-1], ids.meta["val"].shape) and not (src.summed and len(vshape) == ids.meta["val"].dim() + 1):
         return None
     batch = ctx.batch_hint
@@ -261,5 +267,5 @@ def match_embedding(contribution, ctx):
     d = size_hint(vshape[-1])
     method, flops, nbytes = choose(batch, T, d, size_hint(num_rows))
     shapes = {"B": str(ctx.batch_size), "T": str(T), "rows": str(num_rows), "d": str(d), "method": method}
-    return EmbeddingRoute(method, contribution, ids, mask, src, num_rows, padding_idx, shapes=shapes,
+    return EmbeddingRoute(method, contribution, ids, ids_lay, mask, src, num_rows, padding_idx, shapes=shapes,
                           extra_flops=flops, extra_bytes=nbytes)
