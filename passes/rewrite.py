@@ -16,6 +16,7 @@ from .builder import GraphBuilder
 from .errors import PrivacyError
 from .layout import Layout, analyze, known_equal, same_shape, size_hint
 from .mixing import check_batch_independence, check_no_batch_state, model_region
+from .prune import prune_unused_outputs
 from .report import ParamRoute, RewriteReport, rule_counters
 from .rules import RULES, Contribution, norm_sq_of, weighted_sum
 from .rules.shared import shared_norm_sq, shared_reweighted, strategy_of
@@ -270,6 +271,7 @@ def rewrite_joint_graph(graph: fx.Graph) -> RewriteReport | None:
         new_outputs[grad_slots[param]] = new
     output.args = (tuple(new_outputs),) + tuple(output.args[1:])
     graph.eliminate_dead_code()
+    prune_unused_outputs(graph)
     check_coverage(graph, params, set(batch_nodes))
     graph.lint()
     return _report(graph, spec, params, routes, B)

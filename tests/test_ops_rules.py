@@ -89,6 +89,20 @@ def test_conv_rule_exact_each_strategy(force, monkeypatch):
     assert fired("conv") >= before + 6
 
 
+def test_conv_backward_skips_the_replaced_weight_gradient():
+    """The rule supplies the weight gradient, so the original convolution_backward that still
+    computes input gradients must not also compute the (dead) weight and bias gradients."""
+    pm = fxclip.privatize(ConvNet().to(D), max_grad_norm=0.5)
+    pm(torch.randn(4, 3, 12, 12, dtype=D)).sum().backward()
+    conv_bw = [n for n in pm.last_report.graph.nodes
+               if n.target == torch.ops.aten.convolution_backward.default]
+    input_grads = [n for n in conv_bw if n.args[-1][0]]
+    assert len(input_grads) >= 2  # dw and c3 pass gradients on
+    for n in conv_bw:
+        used = {u.args[1] for u in n.users}
+        assert [i for i, on in enumerate(n.args[-1]) if on] == sorted(used), n.format_node()
+
+
 @pytest.mark.parametrize("force", ["ghost", "instantiate"])
 def test_conv3d_and_transposed(force, monkeypatch):
     monkeypatch.setattr(conv_rule, "choose", lambda *a: (force, 0, 0))
