@@ -52,12 +52,16 @@ class Context:
         self.after_output_grads = _descendants(output_grads)
         self.param_shape: tuple = ()
         self.param_numel = 0
-        self._per_sample: dict = {}
+        self._memo: dict = {}
 
     def per_sample(self, route):
-        if id(route) not in self._per_sample:
-            self._per_sample[id(route)] = route.per_sample(self)
-        return self._per_sample[id(route)]
+        return self.once(("per-sample", id(route)), lambda: route.per_sample(self))
+
+    def once(self, key, make):
+        """make() the first time `key` is asked for, the same node after: shared work."""
+        if key not in self._memo:
+            self._memo[key] = make()
+        return self._memo[key]
 
 
 def _descendants(seeds) -> set:

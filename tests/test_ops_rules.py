@@ -41,11 +41,43 @@ def run_check(model, inputs, targets=None, loss_fn=mse, C=0.5, reduction="mean",
             assert err < tol, (n, err)
     got = pm.per_sample_norms
     assert torch.allclose(got.to(norms.dtype), norms, rtol=tol * 10, atol=1e-12)
+    _LAST["report"] = pm.last_report
     return {r.name: r for r in pm.last_report.params}
+
+
+_LAST = {}
+
+
+def _last_graph():
+    """The rewritten joint graph of the latest run_check."""
+    return _LAST["report"].graph
 
 
 def fired(rule):
     return rule_counters[rule]
+
+
+# --- linear ------------------------------------------------------------------------------------
+
+class QKV(nn.Module):
+    """Three projections of one input, as in attention: they can share its Gram matrices."""
+
+    def __init__(s):
+        super().__init__()
+        s.q, s.k, s.v = nn.Linear(16, 12), nn.Linear(16, 12), nn.Linear(16, 12)
+
+    def forward(s, x):
+        return torch.tanh(s.q(x)) * s.k(x) + s.v(x)
+
+
+def test_linear_ghost_shares_the_input_gram_across_projections():
+    before = fired("linear")
+    routes = run_check(QKV(), (torch.randn(4, 3, 16, dtype=D),))
+    assert all(routes[f"{n}.weight"].strategy == "ghost" for n in "qkv")  # T=3: T^2 (m+k) < T m k
+    assert fired("linear") >= before + 3
+    grams = [n for n in _last_graph().nodes
+             if n.target == torch.ops.aten.bmm.default]
+    assert len(grams) == 4  # x's Gram once, plus one per output gradient
 
 
 # --- convolutions ------------------------------------------------------------------------------

@@ -22,17 +22,29 @@ def _rows(x, layout: Layout, batch: int):
     return s if layout.dim == 0 else s.transpose(1, 2)
 
 
-def _gram_norm_sq(x, y, lx, ly, bref, one_row: bool):
-    batch = bref.shape[0]
-    a = _rows(x, lx, batch)
-    b = _rows(y, ly, batch)
+def _sample_gram(x, layout: Layout, bref, one_row: bool):
+    """Per-sample Gram matrices X_i X_i^T (B, T, T), float32 or wider; (B,) ||x_i||^2 for one row."""
+    a = _rows(x, layout, bref.shape[0])
     a = a.float() if a.dtype in (torch.float16, torch.bfloat16) else a
-    b = b.float() if b.dtype in (torch.float16, torch.bfloat16) else b
     if one_row:
-        return a.square().sum((1, 2)) * b.square().sum((1, 2))
-    ga = torch.bmm(a, a.transpose(1, 2))
-    gb = torch.bmm(b, b.transpose(1, 2))
-    return (ga * gb).sum((1, 2))
+        return a.square().sum((1, 2))
+    return torch.bmm(a, a.transpose(1, 2))
+
+
+def _gram_product(ga, gb):
+    return ga * gb if ga.dim() == 1 else (ga * gb).sum((1, 2))
+
+
+_VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.permute.default,
+          aten.t.default, aten.transpose.int}
+
+
+def _structure(node):
+    """A key equal for nodes that are the same views of the same tensor (each linear layer
+    traces its own view and transpose of a shared input)."""
+    if node.op == "call_function" and node.target in _VIEWS:
+        return (node.target, _structure(node.args[0]), repr(node.args[1:]))
+    return node
 
 
 class LinearRoute(InstantiatedRoute):
@@ -53,10 +65,15 @@ class LinearRoute(InstantiatedRoute):
     def norm_sq(self, ctx):
         if self.strategy == "instantiate":
             return super().norm_sq(ctx)
-        lx, ly = self.lx, self.ly
-        one_row = known_equal(lx.inner, 1) and known_equal(lx.outer, 1)
-        return ctx.builder.call(lambda x, y, b: _gram_norm_sq(x, y, lx, ly, b, one_row),
-                                self.x, self.y, ctx.bref)
+        one_row = known_equal(self.lx.inner, 1) and known_equal(self.lx.outer, 1)
+        grams = [self._gram(ctx, node, lay, one_row) for node, lay in ((self.x, self.lx), (self.y, self.ly))]
+        return ctx.builder.call(_gram_product, *grams)
+
+    @staticmethod
+    def _gram(ctx, node, layout, one_row):
+        """One Gram matrix per (tensor, layout): q, k and v projections of one input share it."""
+        return ctx.once(("linear-gram", _structure(node), layout), lambda: ctx.builder.call(
+            lambda x, b: _sample_gram(x, layout, b, one_row), node, ctx.bref))
 
     def ghost_factors(self, ctx):
         """Per-sample G_i = X_i Y_i as rows (T, m) and (T, k), oriented like the parameter."""
