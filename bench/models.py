@@ -229,7 +229,7 @@ MODELS: dict[str, ModelSpec] = {
     "gpt_wide": ModelSpec(
         "gpt_wide", "the causal GPT at width d=512 (8 heads, 4d MLP), T=64, vocab 1000: the ghost-norm "
         "work B T^2 (m+k) shrinks relative to the weight gradients' B T m k as the width grows",
-        lambda: TinyGPT(d=512, n_head=8), _lm_batch(1000, 64), [16], [16],
+        lambda: TinyGPT(d=512, n_head=8), _lm_batch(1000, 64), [8, 16], [16],
     ),
     "hf_gpt2": ModelSpec(
         "hf_gpt2", "HF GPT2LMHeadModel from GPT2Config(n_layer=2, n_embd=128, n_head=4, vocab 1000), "
