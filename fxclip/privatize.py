@@ -201,7 +201,8 @@ def privatize(model: nn.Module, *, max_grad_norm: float, loss_reduction: str = "
 
     nonfinite: a sample whose gradient is inf/NaN has no clipped gradient. "refuse" (default)
     raises PrivacyError in backward and leaves every .grad unchanged; "drop" gives that sample
-    R = 0 (and still refuses if its inf/NaN reaches a parameter gradient anyway).
+    R = 0 and keeps its inf/NaN out of every reweighted gradient, so .grad holds the clipped
+    sum over the other samples (a PrivacyError still guards .grad against any that get through).
 
     The model keeps its parameters and buffers (the same objects); pm.state_dict() has the
     model's keys; fxclip.unprivatize(pm) returns the model.

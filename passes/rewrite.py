@@ -52,6 +52,7 @@ class Context:
         self.after_output_grads = _descendants(output_grads)
         self.param_shape: tuple = ()
         self.param_numel = 0
+        self.drop = False  # nonfinite="drop": reweighting must zero dropped samples' inf/NaN
         self._memo: dict = {}
 
     def per_sample(self, route):
@@ -215,6 +216,7 @@ def rewrite_joint_graph(graph: fx.Graph) -> RewriteReport | None:
     check_no_batch_state(graph, layouts, list(outputs_params), spec["names"])
     builder = GraphBuilder(graph, output)
     ctx = Context(graph, builder, layouts, bref, seeds)
+    ctx.drop = spec["nonfinite"] == "drop"
     for s in seeds:
         if not known_equal(s.meta["val"].shape[0], B):
             raise PrivacyError(

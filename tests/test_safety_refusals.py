@@ -236,17 +236,53 @@ def test_nonfinite_sample_refuses_the_step_and_leaves_grad_untouched(bad):
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_nonfinite_drop_never_writes_nan():
-    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
-    pm = fxclip.privatize(model, max_grad_norm=1.0, nonfinite="drop")
-    try:
-        _nan_step(pm, model, float("nan"))
-    except fxclip.PrivacyError as e:  # 0 * NaN reached a gradient: refused, not written
-        assert "non-finite values reached" in str(e)
-        assert all(p.grad is None for p in model.parameters())
-    else:
-        assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+class _Seq(nn.Module):
+    """Embedding, a sequence Linear (T > 1: Gram or instantiation), a conv over the sequence and
+    a mean-pooled head: every reweighting path a dropped sample's inf/NaN could leak through."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 6)
+        self.lin = nn.Linear(6, 6)
+        self.conv = nn.Conv1d(6, 4, 3, padding=1)
+        self.norm = nn.LayerNorm(4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, ids):
+        h = torch.tanh(self.lin(self.emb(ids)))
+        h = self.conv(h.transpose(1, 2)).transpose(1, 2)
+        return self.head(self.norm(h).mean(1))
+
+
+_DROP_MODELS = {
+    "mlp": (lambda: nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)),
+            lambda: torch.randn(5, 3, dtype=torch.float64)),
+    "sequence": (_Seq, lambda: torch.randint(0, 11, (5, 7))),
+}
+
+
+@pytest.mark.parametrize("kind,bad,compiled", [
+    ("mlp", float("nan"), False), ("mlp", float("inf"), False), ("sequence", float("nan"), False),
+    ("sequence", float("inf"), False), ("sequence", float("nan"), True)])
+def test_nonfinite_drop_gives_the_clipped_sum_of_the_other_samples(kind, bad, compiled):
+    build, make_x = _DROP_MODELS[kind]
+    model = build().double()
+    x, y = make_x(), torch.randn(5, 2, dtype=torch.float64)
+    y[1] = bad  # sample 1's loss, and so its gradient, is inf/NaN
+
+    def loss(out, t):
+        return (out - t).square().sum()
+
+    pm = fxclip.privatize(model, max_grad_norm=0.5, loss_reduction="sum", nonfinite="drop")
+    loss((torch.compile(pm) if compiled else pm)(x), y).backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
     assert not torch.isfinite(pm.per_sample_norms[1])
+    assert torch.isfinite(pm.per_sample_norms[[0, 2, 3, 4]]).all()
+
+    keep = [0, 2, 3, 4]
+    ref, _ = per_sample_reference(model, (x[keep],), y[keep], loss, 0.5, "sum")
+    for n, g in got.items():
+        torch.testing.assert_close(g, ref[n], rtol=1e-9, atol=1e-12, msg=n)
 
 
 def test_nothing_lost_same_objects_state_dict_and_unprivatize():

@@ -107,20 +107,32 @@ def normalized(layout):
     return layout if isinstance(layout.outer, int) else None
 
 
-def scale_by_sample(x: torch.Tensor, layout, clip: torch.Tensor) -> torch.Tensor:
-    """Multiply each sample's part of x by its clip factor (x keeps its shape)."""
+def _sample_factor(x: torch.Tensor, layout, clip: torch.Tensor):
+    """(x viewed with its batch split out, clip broadcastable against that view)."""
     d, batch = layout.dim, clip.shape[0]
-    outer = layout.outer
     shape = list(x.shape)
-    split = shape[:d] + [outer, batch, shape[d] // (batch * outer)] + shape[d + 1:]
+    split = shape[:d] + [layout.outer, batch, shape[d] // (batch * layout.outer)] + shape[d + 1:]
     factor = clip.to(x.dtype).reshape([1] * d + [1, batch, 1] + [1] * (len(shape) - d - 1))
-    return (x.reshape(split) * factor).reshape(shape)
+    return x.reshape(split), factor
+
+
+def scale_by_sample(x: torch.Tensor, layout, clip: torch.Tensor) -> torch.Tensor:
+    """Multiply each sample's part of x by its clip factor (x keeps its shape). A dropped
+    sample (factor 0, nonfinite="drop") becomes exact zeros even where x holds inf/NaN."""
+    split, factor = _sample_factor(x, layout, clip)
+    return torch.where(factor > 0, split * factor, 0).reshape(x.shape)
+
+
+def zero_dropped(x: torch.Tensor, layout, clip: torch.Tensor) -> torch.Tensor:
+    """x with the parts of dropped samples (clip factor 0) set to zeros."""
+    split, factor = _sample_factor(x, layout, clip)
+    return torch.where(factor > 0, split, 0).reshape(x.shape)
 
 
 def weighted_sum(per_sample: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
-    """sum_i clip_i * per_sample_i."""
+    """sum_i clip_i * per_sample_i, skipping dropped samples (clip_i = 0) whatever they hold."""
     factor = clip.to(per_sample.dtype).reshape([-1] + [1] * (per_sample.dim() - 1))
-    return (per_sample * factor).sum(0)
+    return torch.where(factor > 0, per_sample * factor, 0).sum(0)
 
 
 class InstantiatedRoute(Route):

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..layout import Layout, size_hint
-from . import InstantiatedRoute, normalized, replay, rule, scale_by_sample, weighted_sum
+from . import InstantiatedRoute, normalized, replay, rule, scale_by_sample, weighted_sum, zero_dropped
 
 aten = torch.ops.aten
 
@@ -122,10 +122,11 @@ class ConvWeightRoute(InstantiatedRoute):
     def reweighted(self, ctx, clip):
         if self.strategy == "instantiate":
             return super().reweighted(ctx, clip)
-        c, conv, lay = self.contribution, self.conv, self.layout
+        c, conv, lay, drop = self.contribution, self.conv, self.layout, ctx.drop
 
         def fn(go, x, w, r):
             go = scale_by_sample(go, lay, r)
+            x = zero_dropped(x, lay, r) if drop else x  # 0 * inf in the contraction would be NaN
             gw = aten.convolution_backward(go, x, w, None, conv["stride"], conv["padding"],
                                            conv["dilation"], conv["transposed"], conv["output_padding"],
                                            conv["groups"], [False, True, False])[1]

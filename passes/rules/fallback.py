@@ -64,12 +64,12 @@ class FallbackRoute(InstantiatedRoute):
         def fn(*values):
             seed_vals, outside_vals = values[:n_seeds], values[n_seeds:]
             batch = seed_vals[0].shape[0]
-            masks = torch.eye(batch, dtype=seed_vals[0].dtype, device=seed_vals[0].device)
+            masks = torch.eye(batch, dtype=torch.bool, device=seed_vals[0].device)
 
             def one_sample(mask):
                 env = dict(zip(outside, outside_vals))
-                for s, v in zip(seeds, seed_vals):
-                    env[s] = v * mask.reshape([batch] + [1] * (v.dim() - 1))
+                for s, v in zip(seeds, seed_vals):  # where, not *: another sample's NaN stays out
+                    env[s] = torch.where(mask.reshape([batch] + [1] * (v.dim() - 1)), v, 0)
                 for node in order:
                     if node.op == "placeholder":  # a symbolic size
                         source, dim = _size_source(node)

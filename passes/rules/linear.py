@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..layout import Layout, known_equal, size_hint
-from . import InstantiatedRoute, normalized, replay, rule, scale_by_sample, split_batch
+from . import InstantiatedRoute, normalized, replay, rule, scale_by_sample, split_batch, zero_dropped
 
 aten = torch.ops.aten
 
@@ -91,14 +91,16 @@ class LinearRoute(InstantiatedRoute):
     def reweighted(self, ctx, clip):
         if self.strategy == "instantiate":
             return super().reweighted(ctx, clip)
-        c, lx, ly = self.contribution, self.lx, self.ly
+        c, lx, ly, drop = self.contribution, self.lx, self.ly, ctx.drop
         scale_x = size_hint(self.x.meta["val"].numel()) <= size_hint(self.y.meta["val"].numel())
 
         def fn(x, y, r):
             if scale_x:
                 x = scale_by_sample(x, lx, r)
+                y = zero_dropped(y, ly, r) if drop else y  # 0 * inf in the mm would be NaN
             else:
                 y = scale_by_sample(y, ly, r)
+                x = zero_dropped(x, lx, r) if drop else x
             return replay(c.path, c.root, torch.mm(x, y))
 
         return ctx.builder.call(fn, self.x, self.y, clip)
