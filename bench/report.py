@@ -285,7 +285,7 @@ def write_all(out_dir: Path, md_path: Path, tag: str = ""):
     mach = any_r.get("machine", {})
     config_rows = "\n".join(f"| {c.label} | {c.doc} |" for c in CONFIGS.values())
     parts = [HEADER.format(
-        minutes=20, config_rows=config_rows,
+        minutes=35, config_rows=config_rows,
         machine=f"{mach.get('cpu_count', '?')} CPU cores, {mach.get('platform', '?')}",
         torch=ver.get("torch", "?"), opacus=ver.get("opacus", "?"), threads=mach.get("threads", 2),
         warmup=s.get("warmup", 2), rounds=s.get("rounds", 7), target_s=s.get("target_s", 0.25),
