@@ -18,7 +18,7 @@ from .layout import Layout, analyze, known_equal, same_shape, size_hint
 from .mixing import check_batch_independence, check_no_batch_state, model_region
 from .prune import prune_unused_outputs
 from .report import ParamRoute, RewriteReport, rule_counters
-from .rules import RULES, Contribution, norm_sq_of, weighted_sum
+from .rules import RULES, Contribution, norm_sq_of, weighted_sum, zero_padding_of
 from .rules.shared import shared_norm_sq, shared_reweighted, strategy_of
 
 aten = torch.ops.aten
@@ -106,6 +106,8 @@ def _contributions(grad: fx.Node, backward: set) -> list[Contribution]:
     def walk(node, path):
         if node.op == "call_function" and node.target in LAYOUT_OPS:
             walk(node.args[0], [node] + path)
+        elif zero_padding_of(node) is not None:  # a sliced parameter: pos[:T]
+            walk(node.args[1], [node] + path)
         elif (node.op == "call_function" and node.target == aten.add.Tensor and not node.kwargs
               and all(isinstance(a, fx.Node) and a in backward
                       and same_shape(a.meta["val"].shape, node.meta["val"].shape) for a in node.args)):

@@ -80,6 +80,26 @@ def test_linear_ghost_shares_the_input_gram_across_projections():
     assert len(grams) == 4  # x's Gram once, plus one per output gradient
 
 
+class SlicedPositions(nn.Module):
+    """minGPT-style positional parameter, sliced (here from an offset and with a batch-1 dim)."""
+
+    def __init__(s):
+        super().__init__()
+        s.pos = nn.Parameter(torch.randn(1, 9, 6) * 0.1)
+        s.lin = nn.Linear(6, 6)
+
+    def forward(s, x):
+        return s.lin(torch.tanh(x + s.pos[:, 2:2 + x.shape[1]]))
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_sliced_parameter_is_unreduced_not_instantiated_by_fallback(compiled):
+    before = fired("unreduce")
+    routes = run_check(SlicedPositions(), (torch.randn(4, 5, 6, dtype=D),), compiled=compiled)
+    assert routes["pos"].rule == "unreduce"
+    assert fired("unreduce") >= before + 1
+
+
 # --- convolutions ------------------------------------------------------------------------------
 
 class ConvNet(nn.Module):

@@ -72,9 +72,39 @@ def replay(path: list[fx.Node], start: fx.Node, value):
     for node in path:
         if node.target == aten.add.Tensor and sum(a in env for a in node.args) == 1:
             env[node] = next(env[a] for a in node.args if a in env)
+        elif node.target == aten.slice_scatter.default:  # into zeros: a zero padding (vmappable)
+            env[node] = torch.constant_pad_nd(env[node.args[1]], zero_padding_of(node))
         else:
             env[node] = run_node(node, env)
     return env[path[-1]] if path else value
+
+
+def _zeros_node(node) -> bool:
+    return (isinstance(node, fx.Node) and node.op == "call_function"
+            and (node.target == aten.zeros.default
+                 or (node.target == aten.full.default and node.args[1] == 0)))
+
+
+def zero_padding_of(node: fx.Node):
+    """For slice_scatter(zeros, src, dim, start, end, 1) with static ints (the gradient of a
+    sliced parameter, pos[:T]), the constant_pad_nd padding that puts src in place; else None."""
+    if node.op != "call_function" or node.target != aten.slice_scatter.default or node.kwargs:
+        return None
+    base, src, dim, start, end, step = (list(node.args) + [0, None, None, 1][len(node.args) - 2:])[:6]
+    if not _zeros_node(base) or step != 1:
+        return None
+    shape = base.meta["val"].shape
+    if not all(isinstance(v, int) for v in (*shape, dim)):
+        return None
+    dim = dim % len(shape)
+    start = 0 if start is None else start
+    end = shape[dim] if end is None else end
+    if not (isinstance(start, int) and isinstance(end, int)):
+        return None
+    start, end = (v + shape[dim] if v < 0 else min(v, shape[dim]) for v in (start, end))
+    if end - start != src.meta["val"].shape[dim]:
+        return None
+    return [0, 0] * (len(shape) - 1 - dim) + [start, shape[dim] - end]
 
 
 def norm_sq_of(per_sample: torch.Tensor) -> torch.Tensor:
