@@ -7,8 +7,10 @@ import types
 
 from .passes import _torch, rewrite_joint_graph
 
-# RewriteReport of the latest graph rewritten under the user's torch.compile (Inductor)
-latest_compiled_report = None
+# RewriteReport of the latest graph rewritten under the user's torch.compile (Inductor), per
+# set of trainable parameter names: identical models share compiled graphs, others must not
+# see each other's report
+compiled_reports: dict[frozenset, object] = {}
 
 
 def _pass_version() -> str:
@@ -22,10 +24,9 @@ def _pass_version() -> str:
 
 
 def _inductor_pass(graph) -> None:
-    global latest_compiled_report
     report = rewrite_joint_graph(graph)
     if report is not None:
-        latest_compiled_report = report
+        compiled_reports[report.param_names()] = report
 
 
 def install() -> None:

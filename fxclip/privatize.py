@@ -53,8 +53,13 @@ class PrivatizedModule(nn.Module):
     @property
     def last_report(self):
         """RewriteReport of this module's latest eager rewrite; under torch.compile, of the
-        latest graph Inductor rewrote (compiled graphs are shared by identical models)."""
-        return self._eager_report or _compile.latest_compiled_report
+        latest graph Inductor rewrote for a model with these trainable parameters (compiled
+        graphs are shared by identical models). None when this process rewrote no such graph
+        (e.g. the compiled graph came from Inductor's on-disk cache): use fxclip.explain."""
+        if self._eager_report is not None:
+            return self._eager_report
+        names = frozenset(n for n, p in self.module.named_parameters() if p.requires_grad)
+        return _compile.compiled_reports.get(names)
 
     @property
     def per_sample_norms(self) -> torch.Tensor | None:

@@ -33,6 +33,10 @@ class RewriteReport:
     added: dict[str, dict] = field(default_factory=dict)
     unused: list[str] = field(default_factory=list)  # trainable but unused in this forward: no grad
 
+    def param_names(self) -> frozenset:
+        """The trainable parameters of the rewritten model (used in the forward or not)."""
+        return frozenset([r.name for r in self.params] + self.unused)
+
     def route(self, name: str) -> ParamRoute:
         for r in self.params:
             if r.name == name:

@@ -135,8 +135,11 @@ def test_many_privatized_models_each_get_a_compiled_graph():
 
     for i in range(10):  # more than Dynamo's recompile limit of 8 per code object
         model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(1 + i % 3)], nn.Linear(4, i + 1))
-        wiring.latest_compiled_report = None
+        wiring.compiled_reports.clear()
         cpm = torch.compile(fxclip.privatize(model, max_grad_norm=1.0))
         cpm(torch.randn(3, 4)).sum().backward()
-        assert wiring.latest_compiled_report is not None, i  # Inductor ran the pass
+        report = cpm._orig_mod.last_report
+        assert report is not None, i  # Inductor ran the pass
+        # its own report, not the previous (differently layered) model's
+        assert report.param_names() == {n for n, _ in model.named_parameters()}, i
         assert cpm._orig_mod._eager is None, i  # the eager fallback was never built
