@@ -363,6 +363,8 @@ _register(_along(lambda n, nd: [_arg(n, 1, "dim", -1)]),
           aten.cummax.default, aten.cummin.default, aten._softmax.default,
           aten._log_softmax.default, aten.sort.default, aten.argsort.default)
 _register(_along(lambda n, nd: [n.kwargs.get("dim", -1)]), aten.sort.stable, aten.argsort.stable)
+_register(_along(lambda n, nd: [_arg(n, 1, "dim", -1)]), aten.glu.default)
+_register(_along(lambda n, nd: [_arg(n, 2, "dim", -1)]), aten.glu_backward.default)
 _register(_along(lambda n, nd: [_arg(n, 2, "dim", -1)]), aten.topk.default, aten.kthvalue.default)
 _register(_along(lambda n, nd: _as_list(n.args[1])), aten.flip.default, torch.ops.prims.rev.default)
 _register(_along(lambda n, nd: _as_list(_arg(n, 2, "dims", [])) or range(nd)), aten.roll.default)
@@ -738,7 +740,9 @@ register_per_sample(
     _prims_op("_low_memory_max_pool_offsets_to_indices"),
     aten.max_pool2d_with_indices_backward.default, aten.max_pool3d_with_indices_backward.default,
     aten.avg_pool2d_backward.default, aten.avg_pool3d_backward.default,
-    aten._adaptive_avg_pool2d_backward.default,
+    aten._adaptive_avg_pool2d_backward.default, aten._adaptive_avg_pool3d_backward.default,
+    aten.adaptive_max_pool2d_backward.default, aten.adaptive_max_pool3d.default,
+    aten.adaptive_max_pool3d_backward.default,
 )
 
 

@@ -85,6 +85,21 @@ class Norms(nn.Module):
         return s.gn(y.reshape(x.shape[0], 4, -1)).reshape(y.shape)
 
 
+class GatedConvPools(nn.Module):
+    """GLU over channels, InstanceNorm, ConvTranspose, adaptive max pooling (ViT-free image path)."""
+
+    def __init__(s):
+        super().__init__()
+        s.c = nn.Conv2d(3, 8, 3, bias=False)  # a bias before InstanceNorm has a zero gradient
+        s.inorm = nn.InstanceNorm2d(4, affine=True)
+        s.ct = nn.ConvTranspose2d(4, 4, 2, stride=2)
+        s.fc = nn.Linear(4, 3)
+
+    def forward(s, x):
+        h = s.ct(torch.relu(s.inorm(F.glu(s.c(x), dim=1))))
+        return s.fc(F.adaptive_max_pool2d(h, 1).flatten(1))
+
+
 class HF(nn.Module):
     def __init__(s, m):
         super().__init__()
@@ -127,6 +142,7 @@ MODELS = {
     "encoder": (lambda: nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), lambda: (x3(),)),
     "encoder_causal": (CausalEncoder, lambda: (x3(),)),
     "norms": (Norms, lambda: (x3(),)),
+    "gated_conv_pools": (GatedConvPools, lambda: (torch.randn(3, 3, 7, 7, dtype=D),)),
     "gpt2": (gpt2, lambda: (torch.randint(0, 50, (3, 5)),)),
     "bert": (bert, lambda: (torch.randint(0, 50, (3, 5)),)),
 }
