@@ -234,6 +234,32 @@ def test_embedding_rule_batch_shaped_constant_ids(how, method, monkeypatch):
     assert fired("embedding") >= before + 2
 
 
+class RelativeBias(nn.Module):
+    """T5-style attention bias: a table looked up with a constant (T, T) bucket matrix, then
+    permuted to (1, H, T, T) and broadcast over the batch of attention scores."""
+
+    def __init__(s):
+        super().__init__()
+        s.bias = nn.Embedding(7, 2)
+        s.qk = nn.Linear(4, 4)
+
+    def forward(s, x):
+        t = x.shape[1]
+        pos = torch.arange(t)
+        buckets = (pos[None, :] - pos[:, None]).clamp(-3, 3) + 3
+        bias = s.bias(buckets).permute(2, 0, 1).unsqueeze(0)  # (1, H, T, T)
+        q = s.qk(x).view(x.shape[0], t, 2, 2).transpose(1, 2)
+        scores = q @ q.transpose(-1, -2) + bias
+        return (scores.softmax(-1) * scores).sum(-1).transpose(1, 2)
+
+
+def test_embedding_rule_relative_position_bias():
+    before = fired("embedding")
+    routes = run_check(RelativeBias(), (torch.randn(3, 5, 4, dtype=D),))
+    assert routes["bias.weight"].rule == "embedding"
+    assert fired("embedding") >= before + 1
+
+
 def test_embedding_refuses_scale_grad_by_freq():
     m = nn.Sequential(nn.Embedding(10, 4, scale_grad_by_freq=True), nn.Linear(4, 2))
     pm = fxclip.privatize(m, max_grad_norm=1.0)

@@ -30,7 +30,8 @@ _PUTS = (aten._unsafe_masked_index_put_accumulate.default, aten.index_put.defaul
          aten._unsafe_index_put.default)
 _CHAIN = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.clone.default,
           aten.alias.default, aten.squeeze.dim, aten.squeeze.dims, aten.unsqueeze.default,
-          aten.expand.default, aten._to_copy.default, torch.ops.prims.convert_element_type.default}
+          aten.expand.default, aten._to_copy.default, torch.ops.prims.convert_element_type.default,
+          aten.permute.default, aten.transpose.int, aten.t.default}
 
 
 def _is_zeros(node) -> bool:
