@@ -13,6 +13,7 @@ import torch.fx as fx
 from . import ops
 from ._torch import input_index, output_descriptors
 from .builder import GraphBuilder
+from .canonical import bmm_of_one_as_mm
 from .errors import PrivacyError
 from .layout import Layout, analyze, known_equal, same_shape, size_hint
 from .mixing import check_batch_independence, check_no_batch_state, model_region
@@ -206,6 +207,7 @@ def rewrite_joint_graph(graph: fx.Graph) -> RewriteReport | None:
         if kind == "grad" and output.args[0][pos] is not None:
             grad_slots[placeholders[idx]] = pos
 
+    bmm_of_one_as_mm(graph)
     bref = batch_nodes[0]
     B = bref.meta["val"].shape[0]
     _check_batch_sizes(batch_nodes, model_outputs, B)

@@ -100,6 +100,22 @@ def test_sliced_parameter_is_unreduced_not_instantiated_by_fallback(compiled):
     assert fired("unreduce") >= before + 1
 
 
+class Einsum(nn.Module):
+    """einsum contracts through bmm over a batch of one: written back as mm for the linear rule."""
+
+    def __init__(s):
+        super().__init__()
+        s.w = nn.Parameter(torch.randn(4, 5) * 0.5)
+
+    def forward(s, x):
+        return torch.tanh(torch.einsum("btd,de->bte", x, s.w))
+
+
+def test_einsum_with_a_parameter_takes_the_linear_rule():
+    routes = run_check(Einsum(), (torch.randn(3, 6, 4, dtype=D),))
+    assert routes["w"].rule == "linear"
+
+
 # --- convolutions ------------------------------------------------------------------------------
 
 class ConvNet(nn.Module):
