@@ -100,6 +100,35 @@ class GatedConvPools(nn.Module):
         return s.fc(F.adaptive_max_pool2d(h, 1).flatten(1))
 
 
+class MaskedPooled(nn.Module):
+    """The HF patterns around attention: a padding mask gathered as mask[arange(B)[:, None], kv]
+    in the forward, and last-token pooling h[arange(B), lengths - 1] (whose backward is an
+    index_put into each sample's own row)."""
+
+    def __init__(s):
+        super().__init__()
+        s.e = nn.Embedding(20, 8)
+        s.qkv = nn.Linear(8, 24)
+        s.head = nn.Linear(8, 3)
+
+    def forward(s, ids, mask):
+        b, t = ids.shape
+        rows = torch.arange(b)
+        keep = mask[rows[:, None, None], torch.arange(t)[None, None, :]].bool()  # (B, 1, T)
+        q, k, v = s.qkv(s.e(ids)).chunk(3, -1)
+        scores = (q @ k.transpose(1, 2)).masked_fill(~keep, float("-inf"))
+        h = scores.softmax(-1) @ v
+        return s.head(h[rows, mask.sum(1) - 1])
+
+
+def _masked_inputs():
+    ids = torch.randint(1, 20, (4, 6))
+    mask = torch.ones(4, 6, dtype=torch.long)
+    mask[1, 4:] = 0
+    mask[3, 2:] = 0
+    return ids, mask
+
+
 class HF(nn.Module):
     def __init__(s, m):
         super().__init__()
@@ -143,6 +172,7 @@ MODELS = {
     "encoder_causal": (CausalEncoder, lambda: (x3(),)),
     "norms": (Norms, lambda: (x3(),)),
     "gated_conv_pools": (GatedConvPools, lambda: (torch.randn(3, 3, 7, 7, dtype=D),)),
+    "masked_pooled": (MaskedPooled, _masked_inputs),
     "gpt2": (gpt2, lambda: (torch.randint(0, 50, (3, 5)),)),
     "bert": (bert, lambda: (torch.randint(0, 50, (3, 5)),)),
 }

@@ -44,6 +44,10 @@ MIXERS = {
     "shift": (lambda h: torch.cat([h[1:], h[:1]]), "aten::slice"),
     "max0": (lambda h: h - h.max(0).values, "aten::max"),
     "softmax0": (lambda h: h.softmax(0), "aten::amax|softmax"),  # decomposed: amax over dim 0
+    # indexing the batch dim with anything but arange(B) itself reads other samples' rows
+    "arange_shifted": (lambda h: h[(torch.arange(h.shape[0]) + 1) % h.shape[0]], "aten::index"),
+    "arange_halved": (lambda h: h[torch.arange(h.shape[0]) // 2], "aten::index"),
+    "arange_reversed": (lambda h: h[torch.arange(h.shape[0]).flip(0)], "aten::index"),
 }
 
 
