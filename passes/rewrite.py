@@ -19,7 +19,7 @@ from .layout import Layout, analyze, known_equal, same_shape, size_hint
 from .mixing import check_batch_independence, check_no_batch_state, model_region
 from .prune import prune_unused_outputs
 from .report import ParamRoute, RewriteReport, rule_counters
-from .rules import RULES, Contribution, norm_sq_of, weighted_sum, zero_padding_of
+from .rules import RULES, Contribution, cat_slot, norm_sq_of, weighted_sum, zero_padding_of
 from .rules.shared import shared_norm_sq, shared_reweighted, strategy_of
 
 aten = torch.ops.aten
@@ -109,6 +109,9 @@ def _contributions(grad: fx.Node, backward: set) -> list[Contribution]:
             walk(node.args[0], [node] + path)
         elif zero_padding_of(node) is not None:  # a sliced parameter: pos[:T]
             walk(node.args[1], [node] + path)
+        elif _split_gradient(node, backward):  # a parameter used in pieces (packed q/k/v)
+            for part in node.args[0]:
+                walk(part, [node] + path)
         elif (node.op == "call_function" and node.target == aten.add.Tensor and not node.kwargs
               and all(isinstance(a, fx.Node) and a in backward
                       and same_shape(a.meta["val"].shape, node.meta["val"].shape) for a in node.args)):
@@ -119,6 +122,14 @@ def _contributions(grad: fx.Node, backward: set) -> list[Contribution]:
 
     walk(grad, [])
     return found
+
+
+def _split_gradient(node: fx.Node, backward: set) -> bool:
+    """cat of gradient pieces, each computed from the output gradient, with static sizes."""
+    if node.op != "call_function" or node.target != aten.cat.default:
+        return False
+    parts = node.args[0]
+    return all(isinstance(p, fx.Node) and p in backward and cat_slot(node, p) is not None for p in parts)
 
 
 def _route(contribution, ctx):

@@ -129,6 +129,19 @@ def _masked_inputs():
     return ids, mask
 
 
+class CrossAttention(nn.Module):
+    """nn.TransformerDecoderLayer: its cross-attention splits the packed in_proj_weight into a
+    query piece and a key/value piece, so the weight's gradient is a cat of two matmuls."""
+
+    def __init__(s):
+        super().__init__()
+        s.d = nn.TransformerDecoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+
+    def forward(s, x, memory):
+        mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1], dtype=x.dtype)
+        return s.d(x, memory, tgt_mask=mask, tgt_is_causal=True)
+
+
 class HF(nn.Module):
     def __init__(s, m):
         super().__init__()
@@ -173,6 +186,7 @@ MODELS = {
     "norms": (Norms, lambda: (x3(),)),
     "gated_conv_pools": (GatedConvPools, lambda: (torch.randn(3, 3, 7, 7, dtype=D),)),
     "masked_pooled": (MaskedPooled, _masked_inputs),
+    "cross_attention": (CrossAttention, lambda: (x3(), torch.randn(3, 4, 8, dtype=D))),
     "gpt2": (gpt2, lambda: (torch.randint(0, 50, (3, 5)),)),
     "bert": (bert, lambda: (torch.randint(0, 50, (3, 5)),)),
 }
@@ -201,6 +215,7 @@ def test_rules_per_parameter_listing():
     assert listing["gpt2"]["m.wpe.weight"].startswith("embedding")
     assert listing["bert"]["m.embeddings.word_embeddings.weight"].startswith("embedding")
     assert listing["mha"]["a.in_proj_weight"].startswith("linear")
+    assert listing["cross_attention"]["d.multihead_attn.in_proj_weight"].startswith("linear")
     assert listing["mha_seq_first"]["a.out_proj.weight"].startswith("linear")
     assert listing["tied_lm"]["e.weight"].startswith("embedding+linear")
     assert listing["tied_lm"]["pos"].startswith("unreduce")  # pos[:T]: its slice_scatter is a padding

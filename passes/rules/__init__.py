@@ -74,6 +74,9 @@ def replay(path: list[fx.Node], start: fx.Node, value):
             env[node] = next(env[a] for a in node.args if a in env)
         elif node.target == aten.slice_scatter.default:  # into zeros: a zero padding (vmappable)
             env[node] = torch.constant_pad_nd(env[node.args[1]], zero_padding_of(node))
+        elif node.target == aten.cat.default:  # this term fills its own slice, zeros elsewhere
+            part = next(a for a in node.args[0] if a in env)
+            env[node] = torch.constant_pad_nd(env[part], cat_slot(node, part))
         else:
             env[node] = run_node(node, env)
     return env[path[-1]] if path else value
@@ -105,6 +108,32 @@ def zero_padding_of(node: fx.Node):
     if end - start != src.meta["val"].shape[dim]:
         return None
     return [0, 0] * (len(shape) - 1 - dim) + [start, shape[dim] - end]
+
+
+def cat_slot(node: fx.Node, part):
+    """For cat(parts, dim) with static sizes along dim: the constant_pad_nd padding that puts
+    `part` where cat puts it (zeros elsewhere); else None."""
+    if node.op != "call_function" or node.target != aten.cat.default or node.kwargs:
+        return None
+    parts = node.args[0]
+    shape = node.meta["val"].shape
+    dim = node.args[1] if len(node.args) > 1 else 0
+    sizes = [p.meta["val"].shape[dim % len(shape)] if isinstance(p, fx.Node) else None for p in parts]
+    if part not in parts or not all(isinstance(v, int) for v in (*shape, *sizes)):
+        return None
+    dim = dim % len(shape)
+    start = sum(sizes[:parts.index(part)])
+    return [0, 0] * (len(shape) - 1 - dim) + [start, shape[dim] - start - sizes[parts.index(part)]]
+
+
+def cat_slots(contribution) -> dict:
+    """{cat node: the part this contribution's value enters it as} along its path."""
+    slots, prev = {}, contribution.root
+    for node in contribution.path:
+        if node.target == aten.cat.default:
+            slots[node] = prev
+        prev = node
+    return slots
 
 
 def norm_sq_of(per_sample: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from . import cat_slots
+
 aten = torch.ops.aten
 
 
@@ -124,8 +126,11 @@ def shared_norm_sq(routes, ctx):
     b = ctx.builder
     terms = [r.norm_sq(ctx) for r in routes]
     factors = [r.ghost_factors(ctx) for r in routes]
+    slots = [cat_slots(r.contribution) for r in routes]
     for k in range(len(routes)):
         for l in range(k + 1, len(routes)):
+            if any(slots[l].get(cat, part) is not part for cat, part in slots[k].items()):
+                continue  # different slices of one cat: disjoint, no cross term
             fk, fl = factors[k], factors[l]
             ghost_pair = "ghost" in (routes[k].strategy, routes[l].strategy)
             if fk is not None and fl is not None and ghost_pair and (fk.rows, fk.cols) == (fl.rows, fl.cols):
