@@ -129,7 +129,8 @@ def _split_gradient(node: fx.Node, backward: set) -> bool:
     if node.op != "call_function" or node.target != aten.cat.default:
         return False
     parts = node.args[0]
-    return all(isinstance(p, fx.Node) and p in backward and cat_slot(node, p) is not None for p in parts)
+    return len(set(parts)) == len(parts) and all(  # each piece once: its slot is unambiguous
+        isinstance(p, fx.Node) and p in backward and cat_slot(node, p) is not None for p in parts)
 
 
 def _route(contribution, ctx):

@@ -93,7 +93,8 @@ def zero_padding_of(node: fx.Node):
     sliced parameter, pos[:T]), the constant_pad_nd padding that puts src in place; else None."""
     if node.op != "call_function" or node.target != aten.slice_scatter.default or node.kwargs:
         return None
-    base, src, dim, start, end, step = (list(node.args) + [0, None, None, 1][len(node.args) - 2:])[:6]
+    defaults = (0, None, None, 1)  # dim, start, end, step
+    base, src, dim, start, end, step = (*node.args, *defaults[len(node.args) - 2:])
     if not _zeros_node(base) or step != 1:
         return None
     shape = base.meta["val"].shape
