@@ -759,12 +759,12 @@ def _index_put_accumulate(node, layouts, B):
     masked = node.target == aten._unsafe_masked_index_put_accumulate.default
     indices, values = node.args[2:4] if masked else node.args[1:3]
     lay = layouts.get(values)
-    for d, idx in enumerate(indices):
-        # the backward of x[arange(B), ...]: each sample's values go back to its own row d
-        if (idx is not None and isinstance(lay, Layout) and known_equal(_shape(base)[d], B)
-                and _per_sample_rows(Layout(d), indices, B, layouts) == lay.dim
-                and lay.batch_major and known_equal(lay.inner, 1)):
-            return Layout(d)
+    if isinstance(lay, Layout) and lay.batch_major and known_equal(lay.inner, 1):
+        for d, idx in enumerate(indices):
+            # the backward of x[arange(B), ...]: each sample's values go back to its own row d
+            if (idx is not None and known_equal(_shape(base)[d], B)
+                    and _per_sample_rows(Layout(d), indices, B, layouts) == lay.dim):
+                return Layout(d)
     return MIXED  # rows of a shared table written from (possibly) every sample
 
 

@@ -44,7 +44,7 @@ GRAPH_BREAK = (
 class Context:
     """What rules read: the graph, batch layouts, the batch size and the per-sample cache."""
 
-    def __init__(self, graph, builder, layouts, bref, output_grads):
+    def __init__(self, graph, builder, layouts, bref, output_grads, drop=False):
         self.graph, self.builder, self.layouts = graph, builder, layouts
         self.bref = bref  # a (B, ...) tensor node: inside traced fns, B = bref.shape[0]
         self.batch_size = bref.meta["val"].shape[0]
@@ -53,7 +53,7 @@ class Context:
         self.after_output_grads = _descendants(output_grads)
         self.param_shape: tuple = ()
         self.param_numel = 0
-        self.drop = False  # nonfinite="drop": reweighting must zero dropped samples' inf/NaN
+        self.drop = drop  # nonfinite="drop": reweighting must zero dropped samples' inf/NaN
         self._memo: dict = {}
 
     def per_sample(self, route):
@@ -231,8 +231,7 @@ def rewrite_joint_graph(graph: fx.Graph) -> RewriteReport | None:
         check_batch_independence(graph, layouts, model_region(batch_nodes, model_outputs))
     check_no_batch_state(graph, layouts, list(outputs_params), spec["names"])
     builder = GraphBuilder(graph, output)
-    ctx = Context(graph, builder, layouts, bref, seeds)
-    ctx.drop = spec["nonfinite"] == "drop"
+    ctx = Context(graph, builder, layouts, bref, seeds, drop=spec["nonfinite"] == "drop")
     for s in seeds:
         if not known_equal(s.meta["val"].shape[0], B):
             raise PrivacyError(

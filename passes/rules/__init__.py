@@ -82,7 +82,8 @@ def replay(path: list[fx.Node], start: fx.Node, value):
     return env[path[-1]] if path else value
 
 
-def _zeros_node(node) -> bool:
+def is_zeros(node) -> bool:
+    """A zeros / full(..., 0) node: the empty buffer a gradient is scattered into."""
     return (isinstance(node, fx.Node) and node.op == "call_function"
             and (node.target == aten.zeros.default
                  or (node.target == aten.full.default and node.args[1] == 0)))
@@ -95,7 +96,7 @@ def zero_padding_of(node: fx.Node):
         return None
     defaults = (0, None, None, 1)  # dim, start, end, step
     base, src, dim, start, end, step = (*node.args, *defaults[len(node.args) - 2:])
-    if not _zeros_node(base) or step != 1:
+    if not is_zeros(base) or step != 1:
         return None
     shape = base.meta["val"].shape
     if not all(isinstance(v, int) for v in (*shape, dim)):
@@ -122,9 +123,9 @@ def cat_slot(node: fx.Node, part):
     sizes = [p.meta["val"].shape[dim % len(shape)] if isinstance(p, fx.Node) else None for p in parts]
     if part not in parts or not all(isinstance(v, int) for v in (*shape, *sizes)):
         return None
-    dim = dim % len(shape)
-    start = sum(sizes[:parts.index(part)])
-    return [0, 0] * (len(shape) - 1 - dim) + [start, shape[dim] - start - sizes[parts.index(part)]]
+    dim, at = dim % len(shape), parts.index(part)
+    start = sum(sizes[:at])
+    return [0, 0] * (len(shape) - 1 - dim) + [start, shape[dim] - start - sizes[at]]
 
 
 def cat_slots(contribution) -> dict:

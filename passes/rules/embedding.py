@@ -21,7 +21,7 @@ import torch
 from ..errors import PrivacyError
 from ..builder import run_node
 from ..layout import Layout, same_shape, size_hint
-from . import InstantiatedRoute, normalized, replay, rule, scale_by_sample, split_batch, weighted_sum
+from . import InstantiatedRoute, is_zeros, normalized, replay, rule, scale_by_sample, split_batch, weighted_sum
 from .shared import Factors, orientation
 
 aten = torch.ops.aten
@@ -32,11 +32,6 @@ _CHAIN = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, at
           aten.alias.default, aten.squeeze.dim, aten.squeeze.dims, aten.unsqueeze.default,
           aten.expand.default, aten._to_copy.default, torch.ops.prims.convert_element_type.default,
           aten.permute.default, aten.transpose.int, aten.t.default}
-
-
-def _is_zeros(node) -> bool:
-    return (node.op == "call_function" and node.target in (aten.full.default, aten.zeros.default)
-            and (node.target == aten.zeros.default or node.args[1] == 0))
 
 
 def _f32(t):
@@ -213,7 +208,7 @@ def _parse(root):
         return ids, None, values, num_rows, (padding_idx if padding_idx >= 0 else None)
     else:
         return None
-    if not (_is_zeros(base) and len(indices) == 1 and indices[0] is not None):
+    if not (is_zeros(base) and len(indices) == 1 and indices[0] is not None):
         return None
     if base.meta["val"].dim() != 2:
         return None
