@@ -53,6 +53,12 @@ FUSED_RNN_HINT = (
     "the recurrence with nn.Linear cells, or freeze the module (requires_grad_(False))."
 )
 
+EMBEDDING_BAG_HINT = (
+    "nn.EmbeddingBag with 1-D ids and offsets cuts bags from one flat list, which has no batch "
+    "dim to clip per sample. Pass 2-D bags (B, L), one bag per sample (pad shorter bags with "
+    "padding_idx), and no offsets."
+)
+
 
 def _is_fused_rnn(node: fx.Node) -> bool:
     name = getattr(node.target, "__name__", str(node.target)).split(".")[0]
@@ -124,6 +130,8 @@ def check_batch_independence(graph: fx.Graph, layouts: dict, model_nodes: set) -
         op = str(node.target).replace("aten.", "aten.", 1)
         if _is_fused_rnn(node):
             raise PrivacyError(f"{_op_name(node)}{_where(node)}: " + FUSED_RNN_HINT)
+        if node.target == aten._embedding_bag.default:
+            raise PrivacyError(f"{_op_name(node)}{_where(node)}: " + EMBEDDING_BAG_HINT)
         raise PrivacyError(
             f"{_op_name(node)}{_where(node)}: fxclip cannot prove that this op keeps samples "
             f"independent (batch layout unknown). " + UNKNOWN_HINT.format(op=op)
