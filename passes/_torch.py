@@ -158,9 +158,9 @@ def tracing_failure_message(e) -> str:
     if "requires_grad" in first and "setattr" in first:
         return (f"{head}: the forward sets `requires_grad` on a tensor{at}. torch.compile cannot "
                 "trace that. Remove the assignment from the forward (fxclip's backward reaches "
-                "every trainable parameter without it); HF wav2vec2-style feature encoders skip it "
-                "when the encoder is frozen (model.freeze_feature_encoder()) or its "
-                "`_requires_grad` is False.")
+                "every trainable parameter without it). In HF wav2vec2-style feature encoders the "
+                "line only serves gradient checkpointing: set "
+                "`model.feature_extractor._requires_grad = False` and its parameters still train.")
     if isinstance(e, _dynamo_exc.UserError) or "data-dependent" in str(e):
         return (f"{head}: control flow{at} depends on tensor values (a loop or branch over "
                 "data-dependent values, such as a Mixture-of-Experts loop `for expert_idx in "
