@@ -61,13 +61,13 @@ def test_cat_along_the_batch_with_a_shared_row_is_still_refused():
 
 # --- 6. recurrent layers: frozen next to trainable layers, and trainable, untouched ---
 
-def loop_reference(model, x, targets, C):
-    """Per-sample gradients by one backward per sample (torch.func cannot vmap nn.LSTM), then
-    fxclip's contract: (1/B) sum_i R_i grad_i and the norms."""
+def loop_reference(model, inputs, targets, C):
+    """Per-sample gradients by one backward per sample (torch.func cannot vmap nn.LSTM or a
+    bool-mask index_put), then fxclip's contract: (1/B) sum_i R_i grad_i and the norms."""
     grads = []
-    for i in range(x.shape[0]):
+    for i in range(targets.shape[0]):
         m = copy.deepcopy(model)
-        mse(m(x[i:i + 1]), targets[i:i + 1]).backward()
+        mse(m(*(t[i:i + 1] for t in inputs)), targets[i:i + 1]).backward()
         grads.append({n: p.grad for n, p in m.named_parameters() if p.requires_grad})
     norms = torch.stack([sum(g.square().sum() for g in gi.values()).sqrt() for gi in grads])
     factor = (C / (norms + 1e-6)).clamp(max=1.0)
@@ -85,24 +85,28 @@ class Recurrent(nn.Module):
         return self.head(self.rnn(x)[0])
 
 
-@pytest.mark.parametrize("kind,trainable,compiled", [
-    (nn.LSTM, False, False), (nn.LSTM, True, False), (nn.GRU, True, False), (nn.RNN, True, False),
-    (nn.GRU, True, True)])
-def test_recurrent_layers_are_clipped_exactly(kind, trainable, compiled):
-    model = Recurrent(kind, trainable).to(D)
+def check_against_loop(model, inputs, compiled=False, C=0.5):
+    """run_check's exactness test with the loop reference; returns {parameter: rule}."""
+    model = model.to(D)
     reference_model = copy.deepcopy(model)
-    pm = fxclip.privatize(model, max_grad_norm=0.5)
-    x = torch.randn(4, 3, 4, dtype=D)
-    out = (torch.compile(pm) if compiled else pm)(x)
+    pm = fxclip.privatize(model, max_grad_norm=C)
+    out = (torch.compile(pm) if compiled else pm)(*inputs)
     targets = torch.randn_like(out)
     mse(out, targets).backward()
-    expected, norms = loop_reference(reference_model, x, targets, 0.5)
-    assert (0.5 / norms).min() < 1
+    expected, norms = loop_reference(reference_model, inputs, targets, C)
+    assert (C / norms).min() < 1
     for n, p in model.named_parameters():
         if p.requires_grad:
             assert (p.grad - expected[n]).abs().max() < 1e-9 * expected[n].abs().max(), n
     assert torch.allclose(pm.per_sample_norms.to(D), norms, rtol=1e-8)
-    routes = {r.name: r.rule for r in pm.last_report.params}
+    return {r.name: r.rule for r in pm.last_report.params}
+
+
+@pytest.mark.parametrize("kind,trainable,compiled", [
+    (nn.LSTM, False, False), (nn.LSTM, True, False), (nn.GRU, True, False), (nn.RNN, True, False),
+    (nn.GRU, True, True)])
+def test_recurrent_layers_are_clipped_exactly(kind, trainable, compiled):
+    routes = check_against_loop(Recurrent(kind, trainable), (torch.randn(4, 3, 4, dtype=D),), compiled)
     if trainable:
         assert "linear" in routes["rnn.weight_ih_l0"] and "linear" in routes["rnn.weight_hh_l0"]
 
