@@ -240,3 +240,22 @@ def test_writing_another_samples_row_is_still_refused():
     pm = fxclip.privatize(Wrap(shifted), max_grad_norm=1.0)
     with pytest.raises(fxclip.PrivacyError, match="aten::index_put.*mixes samples"):
         pm(torch.randn(5, 3)).sum().backward()
+
+
+class HeadPick(nn.Module):
+    """x[:, :, [k]] with a constant index list (Falcon's multi-query key/value heads): its
+    backward is an index_put accumulate whose values carry the batch ahead of the index."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.out = nn.Linear(6, 32), nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.qkv(x).view(x.shape[0], x.shape[1], 4, 8)
+        return self.out(torch.cat([h[:, :, [3]], h[:, :, [0]]], 2).flatten(2))
+
+
+def test_constant_index_after_the_batch_keeps_the_linear_rule():
+    before = rule_counters["fallback"]
+    routes = run_check(HeadPick(), (torch.randn(4, 5, 6, dtype=D),))
+    assert routes["qkv.weight"].rule == "linear" and rule_counters["fallback"] == before

@@ -134,6 +134,9 @@ def _index_put_accumulate(node, layouts, B):
     masked = node.target == aten._unsafe_masked_index_put_accumulate.default
     indices, values = node.args[2:4] if masked else node.args[1:3]
     lay = layouts.get(values)
+    kept = _batch_before_indices(base, indices, values, lay, layouts)
+    if kept is not None:
+        return kept
     shared = values not in layouts  # the same values for every sample (a constant 1)
     if shared or (isinstance(lay, Layout) and lay.batch_major and known_equal(lay.inner, 1)):
         for d, idx in enumerate(indices):
@@ -145,6 +148,20 @@ def _index_put_accumulate(node, layouts, B):
             if rows is not None and (shared or rows == lay.dim):
                 return Layout(d)
     return MIXED  # rows of a shared table written from (possibly) every sample
+
+
+def _batch_before_indices(base, indices, values, lay, layouts):
+    """The layout of index_put(base, indices, values) when the values carry the batch in a dim
+    ahead of every (unbatched) index: the backward of x[:, :, idx] puts each sample's values
+    back into its own rows."""
+    present = [idx for idx in indices if idx is not None]
+    if not isinstance(lay, Layout) or not present or any(idx in layouts for idx in present):
+        return None
+    width, first = _advanced_layout(indices)
+    rank = len(_shape(base)) - len(present) + width  # indexed dims replaced by the index shape
+    if len(_shape(values)) != rank or lay.dim >= first:
+        return None
+    return lay if known_equal(_shape(base)[lay.dim], _shape(values)[lay.dim]) else None
 
 
 def _masked_fill_put(node, layouts):
