@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 import fxclip
+from fxclip.passes import rule_counters
 from test_ops_rules import mse, run_check
 
 D = torch.float64
@@ -99,7 +100,11 @@ def check_against_loop(model, inputs, compiled=False, C=0.5):
         if p.requires_grad:
             assert (p.grad - expected[n]).abs().max() < 1e-9 * expected[n].abs().max(), n
     assert torch.allclose(pm.per_sample_norms.to(D), norms, rtol=1e-8)
+    _LAST["report"] = pm.last_report
     return {r.name: r.rule for r in pm.last_report.params}
+
+
+_LAST = {}
 
 
 @pytest.mark.parametrize("kind,trainable,compiled", [
@@ -108,7 +113,33 @@ def check_against_loop(model, inputs, compiled=False, C=0.5):
 def test_recurrent_layers_are_clipped_exactly(kind, trainable, compiled):
     routes = check_against_loop(Recurrent(kind, trainable), (torch.randn(4, 3, 4, dtype=D),), compiled)
     if trainable:
-        assert "linear" in routes["rnn.weight_ih_l0"] and "linear" in routes["rnn.weight_hh_l0"]
+        assert routes["rnn.weight_ih_l0"] == "linear" and routes["rnn.weight_hh_l0"] == "linear"
+        hidden = _LAST["report"].route("rnn.weight_hh_l0")  # one use per step, h0 = 0 included
+        assert hidden.uses == 3 and hidden.shapes["uses"] == "3 stacked: one Gram over 3 rows"
+
+
+class SharedDepth(nn.Module):
+    """One layer applied at every depth (ALBERT, Universal Transformer): 6 uses."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.inp, self.layer, self.out = nn.Linear(4, width), nn.Linear(width, width), nn.Linear(width, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        for _ in range(6):
+            h = h + torch.tanh(self.layer(h))
+        return self.out(h)
+
+
+@pytest.mark.parametrize("width,method", [(64, "Gram"), (4, "per-sample bmm")])
+def test_weight_reused_many_times_is_one_stacked_linear_op(width, method):
+    before = rule_counters["fallback"]
+    routes = run_check(SharedDepth(width), (torch.randn(4, 3, 4, dtype=D),))
+    layer = routes["layer.weight"]
+    assert layer.rule == "linear" and layer.uses == 6 and rule_counters["fallback"] == before
+    assert layer.shapes["uses"] == f"6 stacked: one {method} over 18 rows"
+    assert layer.strategy == ("ghost" if method == "Gram" else "instantiate")
 
 
 def test_packed_sequence_input_is_named():
