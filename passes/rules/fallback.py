@@ -57,8 +57,10 @@ _VIEWS = {aten.view.default, aten._unsafe_view.default}
 
 
 # --- ops whose vmap batching rule fails on arguments the graph holds: replayed in a form that
-# vmaps (the same values). Slices carry unnormalized bounds (x[..., n:] ends at INT64_MAX,
-# x[:, :-1] ends at -1); as_strided_scatter has no batching rule at all.
+# vmaps (the same values). slice_scatter's fails on unnormalized bounds (x[..., n:] ends at
+# INT64_MAX, x[:, :-1] at -1, steps > 1); as_strided_scatter has none. (Audited: select,
+# select_scatter, slice, narrow, diagonal_scatter, index_put, unfold, constant_pad_nd, roll and
+# the embedding backward ops batch as they are.)
 
 def _min(a, b):
     return min(a, b) if isinstance(a, int) and isinstance(b, int) else torch.sym_min(a, b)
@@ -86,11 +88,6 @@ def _slice_scatter(base, src, dim=0, start=None, end=None, step=1):
     return aten.slice_scatter.default(base, src, dim, *_bounds(base.shape[dim], start, end), step)
 
 
-def _select_scatter(base, src, dim, index):
-    dim = dim % base.dim()
-    return aten.select_scatter.default(base, src, dim, index + base.shape[dim] if index < 0 else index)
-
-
 def _as_strided_scatter(base, src, size, stride, storage_offset=None):
     """src written where base.as_strided(size, stride, offset) looks (base contiguous, as
     functionalization makes it): an index_put of src at those flat positions."""
@@ -103,7 +100,6 @@ def _as_strided_scatter(base, src, size, stride, storage_offset=None):
 VMAP_FORMS = {
     aten.slice.Tensor: _slice,
     aten.slice_scatter.default: _slice_scatter,
-    aten.select_scatter.default: _select_scatter,
     aten.as_strided_scatter.default: _as_strided_scatter,
 }
 
