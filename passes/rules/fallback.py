@@ -78,11 +78,6 @@ def _bounds(size, start, end):
     return start, _max(_min(end, size), start)
 
 
-def _slice(x, dim=0, start=None, end=None, step=1):
-    dim = dim % x.dim()
-    return aten.slice.Tensor(x, dim, *_bounds(x.shape[dim], start, end), step)
-
-
 def _slice_scatter(base, src, dim=0, start=None, end=None, step=1):
     dim = dim % base.dim()
     return aten.slice_scatter.default(base, src, dim, *_bounds(base.shape[dim], start, end), step)
@@ -98,7 +93,6 @@ def _as_strided_scatter(base, src, size, stride, storage_offset=None):
 
 
 VMAP_FORMS = {
-    aten.slice.Tensor: _slice,
     aten.slice_scatter.default: _slice_scatter,
     aten.as_strided_scatter.default: _as_strided_scatter,
 }
