@@ -214,3 +214,17 @@ def test_instance_norm_running_stats_are_named():
 def test_embedding_max_norm_is_named(make):
     with pytest.raises(fxclip.PrivacyError, match="max_norm=1.0 renormalizes rows of the weight in place"):
         fxclip.privatize(nn.Sequential(make()), max_grad_norm=1.0)
+
+
+def test_fused_recurrent_op_is_refused_by_name():
+    """Where a platform runs nn.LSTM as one fused op (cuDNN), the refusal names it and says
+    where its cell ops are traced instead (a hand-built graph: this CPU build never fuses)."""
+    from fxclip.passes.layout import UNKNOWN, Layout
+    from fxclip.passes.mixing import check_batch_independence
+
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    fused = graph.call_function(torch.ops.aten._cudnn_rnn.default, (x,))
+    fused.meta["nn_module_stack"] = {"r": ("L['self'].module.rnn", nn.LSTM)}
+    with pytest.raises(fxclip.PrivacyError, match=r"module 'rnn' \(LSTM\).*one fused op.*cuDNN off"):
+        check_batch_independence(graph, {x: Layout(0), fused: UNKNOWN}, {x, fused})

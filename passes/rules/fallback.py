@@ -101,10 +101,14 @@ VMAP_FORMS = {
 def _check_replayable(order) -> None:
     for node in order:
         if node.target == aten.as_strided_scatter.default and not _fresh(node.args[0]):
+            from ..mixing import module_path
+
+            path, cls = module_path(node)
+            where = f" in module {path or '<root>'!r} ({cls})" if cls else ""
             raise PrivacyError(
-                f"the per-sample gradient fallback cannot replay {node.name} (as_strided_scatter "
-                "into a non-contiguous tensor) per sample; express the strided view with "
-                "reshape/permute in the model.")
+                f"a strided view (as_strided) of a non-contiguous tensor{where} has a backward "
+                "the per-sample gradient fallback cannot replay per sample; express the view "
+                "with reshape/permute, or call .contiguous() before it.")
 
 
 def _fresh(node) -> bool:
