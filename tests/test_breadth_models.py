@@ -40,7 +40,8 @@ class TimeFirstRecurrence(nn.Module):
         return self.out(steps).transpose(0, 1)
 
 
-@pytest.mark.parametrize("join,compiled", [("stack", False), ("cat", False), ("stack", True)])
+@pytest.mark.parametrize("join,compiled", [("stack", False), ("cat", False),
+                                           pytest.param("stack", True, marks=pytest.mark.slow)])
 def test_time_first_stack_of_states_is_per_sample(join, compiled):
     routes = run_check(TimeFirstRecurrence(join), (torch.randn(4, 3, 4, dtype=D),), compiled=compiled)
     assert routes["out.weight"].rule == "linear" and routes["cell.weight"].rule == "linear"
@@ -109,7 +110,7 @@ _LAST = {}
 
 @pytest.mark.parametrize("kind,trainable,compiled", [
     (nn.LSTM, False, False), (nn.LSTM, True, False), (nn.GRU, True, False), (nn.RNN, True, False),
-    (nn.GRU, True, True)])
+    pytest.param(nn.GRU, True, True, marks=pytest.mark.slow)])
 def test_recurrent_layers_are_clipped_exactly(kind, trainable, compiled):
     routes = check_against_loop(Recurrent(kind, trainable), (torch.randn(4, 3, 4, dtype=D),), compiled)
     if trainable:
