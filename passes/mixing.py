@@ -10,7 +10,7 @@ outputs; a loss computed after the model may combine samples freely):
 
 - MIXED (a layout rule saw the batch combined): refused, naming the op and the module.
 - UNKNOWN (no layout rule for the op, or a rule that could not place the batch): refused too.
-  Only ops with a rule in passes/layout.py count as per-sample: pointwise ops, views, and the
+  Only ops with a rule in passes/layout/ count as per-sample: pointwise ops, views, and the
   ops registered there (convolution, group/layer norm, attention, pooling, embedding, ...).
   An op that keeps the batch size in dim 0 is NOT assumed to keep samples apart (a cumsum or a
   sort over dim 0 does that too). `fxclip.passes.layout.register_per_sample(op)` declares an
@@ -46,6 +46,24 @@ UNKNOWN_HINT = (
     "Express it with supported ops; if it treats dim 0 of its inputs sample by sample, declare it "
     "with fxclip.passes.layout.register_per_sample(torch.ops.{op})."
 )
+
+FUSED_RNN_HINT = (
+    "this platform runs the recurrent module (nn.LSTM/GRU/RNN) as one fused op, which fxclip "
+    "cannot see into to clip per sample. Where the traced graph holds its cell ops (CPU, or "
+    "cuDNN off: torch.backends.cudnn.flags(enabled=False)) it is clipped exactly; otherwise write "
+    "the recurrence with nn.Linear cells, or freeze the module (requires_grad_(False))."
+)
+
+EMBEDDING_BAG_HINT = (
+    "nn.EmbeddingBag with 1-D ids and offsets cuts bags from one flat list, which has no batch "
+    "dim to clip per sample. Pass 2-D bags (B, L), one bag per sample (pad shorter bags with "
+    "padding_idx), and no offsets."
+)
+
+
+def _is_fused_rnn(node: fx.Node) -> bool:
+    name = getattr(node.target, "__name__", str(node.target)).split(".")[0]
+    return any(k in name for k in ("rnn", "lstm", "gru"))
 
 
 def model_region(batch_inputs, model_outputs) -> set:
@@ -122,6 +140,10 @@ def check_batch_independence(graph: fx.Graph, layouts: dict, model_nodes: set) -
                 f"per-sample clipping would not bound its influence. {hint}"
             )
         op = str(node.target).replace("aten.", "aten.", 1)
+        if _is_fused_rnn(node):
+            raise PrivacyError(f"{_op_name(node)}{_where(node)}: " + FUSED_RNN_HINT)
+        if node.target == aten._embedding_bag.default:
+            raise PrivacyError(f"{_op_name(node)}{_where(node)}: " + EMBEDDING_BAG_HINT)
         raise PrivacyError(
             f"{_op_name(node)}{_where(node)}: fxclip cannot prove that this op keeps samples "
             f"independent (batch layout unknown). " + UNKNOWN_HINT.format(op=op)
@@ -144,10 +166,13 @@ def check_no_batch_state(graph: fx.Graph, layouts: dict, param_nodes: list, name
             continue
         dst, src = node.args[:2]
         if dst.op == "placeholder" and src in layouts:
-            path, _ = module_path(node)
+            path, cls = module_path(src)
+            module = f"module {path or '<root>'!r} ({cls})"
+            what = (f"{module} updates its running statistics (running_mean, running_var: "
+                    "track_running_stats=True) from the batch" if "Norm" in cls else
+                    f"{module} writes one of its buffers from the batch" if cls else
+                    "a buffer is written from the batch")
             raise PrivacyError(
-                f"a buffer{(' of ' + repr(path)) if path else ''} ({dst.name}) is written inside "
-                "the forward from the batch's values (like BatchNorm's running statistics). It "
-                "would carry statistics of the samples out of the step without clipping or "
-                "noise. Keep such modules in eval mode, or update the buffer outside the model."
-            )
+                f"{what}: a buffer written inside the forward from the batch's values would carry "
+                "statistics of the samples out of the step without clipping or noise. Keep such modules in eval mode, build them with "
+                "track_running_stats=False, or update the buffer outside the model.")

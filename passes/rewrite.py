@@ -97,6 +97,10 @@ def _read_spec(outputs) -> dict:
             "checked_loss": checked_loss}
 
 
+def _empty_batch_of(inputs) -> bool:
+    return known_equal(inputs[0].args[0].meta["val"].shape[0], 0)
+
+
 def _remove(marker):
     """Replace a marker by its input. A marker's value is `empty_like(x)` (see ops): for an
     input whose memory is not dense (x[::2], an expanded batch) that is a contiguous copy, and
@@ -244,7 +248,9 @@ def rewrite_joint_graph(graph: fx.Graph) -> RewriteReport | None:
     if not inputs and not outputs:
         return None
     grads_in = _markers(graph, ops.OUTPUT_GRAD)
-    if not inputs or not outputs or not grads_in:
+    # with B = 0 an output gradient that no gradient reads (a last LayerNorm's gradient is a
+    # constant zero) is traced away with its marker: no graph break, just nothing to clip
+    if not inputs or not outputs or not (grads_in or _empty_batch_of(inputs)):
         raise PrivacyError(GRAPH_BREAK)
     spec = _read_spec(outputs)
     outputs_params = outputs[0].args[1]
