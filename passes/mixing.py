@@ -10,7 +10,7 @@ outputs; a loss computed after the model may combine samples freely):
 
 - MIXED (a layout rule saw the batch combined): refused, naming the op and the module.
 - UNKNOWN (no layout rule for the op, or a rule that could not place the batch): refused too.
-  Only ops with a rule in passes/layout.py count as per-sample: pointwise ops, views, and the
+  Only ops with a rule in passes/layout/ count as per-sample: pointwise ops, views, and the
   ops registered there (convolution, group/layer norm, attention, pooling, embedding, ...).
   An op that keeps the batch size in dim 0 is NOT assumed to keep samples apart (a cumsum or a
   sort over dim 0 does that too). `fxclip.passes.layout.register_per_sample(op)` declares an
