@@ -34,7 +34,10 @@ def _addmm(node, layouts, B):
 @layout_rule(aten.bmm.default)
 def _bmm(node, layouts, B):
     a, b = node.args[:2]
-    la, lb = layouts.get(a), layouts.get(b)
+    return _bmm_layout(layouts.get(a), layouts.get(b))
+
+
+def _bmm_layout(la, lb):
     if (la is not None and la.dim == 2) or (lb is not None and lb.dim == 1):
         return MIXED  # contracts the batch
     outs = set()
@@ -64,3 +67,30 @@ def _trilinear(node, layouts, B):
     if lay.dim in sumdim:
         return MIXED
     return Layout(lay.dim - sum(1 for d in sumdim if d < lay.dim), lay.outer, lay.inner)
+
+
+@layout_rule(aten.baddbmm.default)
+def _baddbmm(node, layouts, B):
+    """baddbmm(input, b1, b2) = beta * input + alpha * bmm(b1, b2) (attention scores plus a
+    mask: nn.MultiheadAttention with attn_mask / key_padding_mask / need_weights)."""
+    bias, a, b = node.args[:3]
+    out = _bmm_layout(layouts.get(a), layouts.get(b))
+    if bias in layouts and out not in (MIXED, None) and _broadcast(node, layouts, B) != out:
+        return None  # the added input carries the batch elsewhere
+    if out is None and bias in layouts and a not in layouts and b not in layouts:
+        return _broadcast(node, layouts, B)  # only the added input is per sample
+    return out
+
+
+@layout_rule(aten.addbmm.default)
+def _addbmm(node, layouts, B):
+    """addbmm(input, b1, b2) = beta * input + alpha * sum_i b1[i] @ b2[i]: the sum over dim 0
+    mixes a batch there; a batch in rows of b1 or columns of b2 stays in that output dim."""
+    bias, a, b = node.args[:3]
+    la, lb = layouts.get(a), layouts.get(b)
+    if (la is not None and la.dim in (0, 2)) or (lb is not None and lb.dim in (0, 1)):
+        return MIXED
+    out = _matmul_layout(la, lb, 2, 1, lambda d: d - 1, lambda d: d - 1)
+    if bias in layouts and out not in (MIXED, None) and _broadcast(node, layouts, B) != out:
+        return None
+    return out

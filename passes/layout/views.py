@@ -10,8 +10,11 @@ from . import Layout, _arg, _prod, _shape, aten, exact_div, known_equal, layout_
 
 @layout_rule(aten.view.default, aten._unsafe_view.default, aten.reshape.default)
 def _view(node, layouts, B):
-    lay = layouts[node.args[0]]
-    in_shape, out_shape = _shape(node.args[0]), _shape(node)
+    return _viewed(_shape(node.args[0]), layouts[node.args[0]], _shape(node), B)
+
+
+def _viewed(in_shape, lay, out_shape, B):
+    """The layout of a tensor batched as `lay` after a view from `in_shape` to `out_shape`."""
     # flat index = (p * B + b) * Q + q: find the output dim whose index range holds the B digit
     Q = _prod(in_shape[lay.dim + 1:]) * lay.inner
     below = 1
@@ -71,18 +74,47 @@ def _expand(node, layouts, B):
     return Layout(d, lay.outer, lay.inner)
 
 
+def _sample_chunk(x, lay, B):
+    """P when x is contiguous and sample b owns its flat elements [b * P, (b + 1) * P)."""
+    xv = x.meta.get("val")
+    if not (isinstance(lay, Layout) and lay.dim == 0 and lay.batch_major and isinstance(xv, torch.Tensor)
+            and xv.is_contiguous() and known_equal(xv.storage_offset(), 0)):
+        return None
+    return exact_div(xv.numel(), B)
+
+
+def _strided_within_samples(node, P, B) -> bool:
+    """Whether as_strided(_, size, stride, offset) of `node`, on a tensor whose samples own flat
+    chunks of P elements, puts sample b in row b of dim 0 reading (or writing) its own chunk."""
+    sym = lambda v: v.meta.get("val") if isinstance(v, fx.Node) else v  # noqa: E731
+    first = 2 if node.target == aten.as_strided_scatter.default else 1
+    size, stride = [sym(v) for v in node.args[first]], [sym(v) for v in node.args[first + 1]]
+    offset = sym(_arg(node, first + 2, "storage_offset", 0)) or 0
+    if P is None or not size or not (known_equal(size[0], B) and known_equal(stride[0], P)):
+        return False
+    extent = offset + sum((s - 1) * st for s, st in zip(size[1:], stride[1:]))
+    return statically_known_true(extent < P)
+
+
 @layout_rule(aten.as_strided.default)
 def _as_strided(node, layouts, B):
-    """A strided view inside each sample's slice of a contiguous dim-0 batch keeps samples apart."""
+    """A strided view inside each sample's chunk of a contiguous dim-0 batch keeps samples apart."""
     x = node.args[0]
-    sym = lambda v: v.meta.get("val") if isinstance(v, fx.Node) else v  # noqa: E731
-    size, stride = [sym(v) for v in node.args[1]], [sym(v) for v in node.args[2]]
-    offset = sym(_arg(node, 3, "storage_offset", 0)) or 0
-    xv = x.meta.get("val")
-    if layouts[x] != Layout(0) or not size or not isinstance(xv, torch.Tensor) or not xv.is_contiguous():
+    return Layout(0) if _strided_within_samples(node, _sample_chunk(x, layouts[x], B), B) else None
+
+
+@layout_rule(aten.as_strided_scatter.default)
+def _as_strided_scatter(node, layouts, B):
+    """as_strided_scatter(base, src, size, stride, offset) writing each sample's rows of src
+    (batch in dim 0) inside that sample's chunk of a contiguous base: the backward of such a
+    view (adaptive pooling's memory-format restride)."""
+    base, src = node.args[:2]
+    base_shape = _shape(base)
+    if layouts.get(src) != Layout(0) or base_shape is None:
         return None
-    per_sample = xv.stride()[0]
-    if not (known_equal(size[0], B) and known_equal(stride[0], per_sample)):
+    P = _sample_chunk(base, layouts[base], B) if base in layouts else None
+    if base not in layouts and base.meta["val"].is_contiguous():
+        P = exact_div(_prod(base_shape), B)
+    if not _strided_within_samples(node, P, B):
         return None
-    extent = offset + sum((s - 1) * st for s, st in zip(size[1:], stride[1:]))
-    return Layout(0) if statically_known_true(extent < per_sample) else None
+    return _viewed((B, P), Layout(0), base_shape, B)

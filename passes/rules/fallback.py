@@ -11,6 +11,7 @@ import torch
 import torch.fx as fx
 
 from ..builder import is_tensor_node, run_node
+from ..errors import PrivacyError
 from . import InstantiatedRoute, replay, rule
 
 
@@ -51,7 +52,74 @@ def backward_slice(root: fx.Node, seeds: list, after_seeds: set) -> tuple[list, 
     return order, outside
 
 
-_VIEWS = {torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default}
+aten = torch.ops.aten
+_VIEWS = {aten.view.default, aten._unsafe_view.default}
+
+
+# --- ops whose vmap batching rule fails on arguments the graph holds: replayed in a form that
+# vmaps (the same values). Slices carry unnormalized bounds (x[..., n:] ends at INT64_MAX,
+# x[:, :-1] ends at -1); as_strided_scatter has no batching rule at all.
+
+def _min(a, b):
+    return min(a, b) if isinstance(a, int) and isinstance(b, int) else torch.sym_min(a, b)
+
+
+def _max(a, b):
+    return max(a, b) if isinstance(a, int) and isinstance(b, int) else torch.sym_max(a, b)
+
+
+def _bounds(size, start, end):
+    """Slice bounds (None, negative, or past the end) as 0 <= start <= end <= size."""
+    start = 0 if start is None else start + size if isinstance(start, int) and start < 0 else start
+    end = size if end is None else end + size if isinstance(end, int) and end < 0 else end
+    start = _min(_max(start, 0), size)
+    return start, _max(_min(end, size), start)
+
+
+def _slice(x, dim=0, start=None, end=None, step=1):
+    dim = dim % x.dim()
+    return aten.slice.Tensor(x, dim, *_bounds(x.shape[dim], start, end), step)
+
+
+def _slice_scatter(base, src, dim=0, start=None, end=None, step=1):
+    dim = dim % base.dim()
+    return aten.slice_scatter.default(base, src, dim, *_bounds(base.shape[dim], start, end), step)
+
+
+def _select_scatter(base, src, dim, index):
+    dim = dim % base.dim()
+    return aten.select_scatter.default(base, src, dim, index + base.shape[dim] if index < 0 else index)
+
+
+def _as_strided_scatter(base, src, size, stride, storage_offset=None):
+    """src written where base.as_strided(size, stride, offset) looks (base contiguous, as
+    functionalization makes it): an index_put of src at those flat positions."""
+    flat = torch.arange(base.numel(), device=base.device).reshape(base.shape)
+    positions = aten.as_strided.default(flat, size, stride, storage_offset or 0).reshape(-1)
+    out = base.reshape(-1).index_put((positions,), src.reshape(-1))
+    return out.reshape(base.shape)
+
+
+VMAP_FORMS = {
+    aten.slice.Tensor: _slice,
+    aten.slice_scatter.default: _slice_scatter,
+    aten.select_scatter.default: _select_scatter,
+    aten.as_strided_scatter.default: _as_strided_scatter,
+}
+
+
+def _check_replayable(order) -> None:
+    for node in order:
+        if node.target == aten.as_strided_scatter.default and not _fresh(node.args[0]):
+            raise PrivacyError(
+                f"the per-sample gradient fallback cannot replay {node.name} (as_strided_scatter "
+                "into a non-contiguous tensor) per sample; express the strided view with "
+                "reshape/permute in the model.")
+
+
+def _fresh(node) -> bool:
+    v = node.meta.get("val")
+    return isinstance(v, torch.Tensor) and v.is_contiguous() and v.storage_offset() == 0
 
 
 class FallbackRoute(InstantiatedRoute):
@@ -59,6 +127,7 @@ class FallbackRoute(InstantiatedRoute):
         c = self.contribution
         seeds = list(ctx.output_grads)
         order, outside = backward_slice(c.root, seeds, ctx.after_output_grads)
+        _check_replayable(order)
         n_seeds = len(seeds)
 
         def fn(*values):
@@ -75,7 +144,9 @@ class FallbackRoute(InstantiatedRoute):
                         source, dim = _size_source(node)
                         env[node] = env[source].shape[dim]
                     elif node.target in _VIEWS:  # batched (vmapped) strides may not allow a view
-                        env[node] = run_node(node, env, target=torch.ops.aten.reshape.default)
+                        env[node] = run_node(node, env, target=aten.reshape.default)
+                    elif node.target in VMAP_FORMS:
+                        env[node] = run_node(node, env, target=VMAP_FORMS[node.target])
                     else:
                         env[node] = run_node(node, env)
                 return replay(c.path, c.root, env[c.root])

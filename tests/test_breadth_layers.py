@@ -1,0 +1,155 @@
+"""Layers that keep samples apart must not crash the fallback or be refused: slices with
+unnormalized bounds, as_strided_scatter (adaptive pooling's backward), baddbmm / addbmm
+(attention with masks). Exact against torch.func in float64; each asserts the route it needs."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fxclip
+from fxclip.passes import rule_counters
+from fxclip.passes.layout import registered_layout_rules
+from test_ops_rules import run_check
+from test_safety_refusals import Wrap
+
+D = torch.float64
+
+
+# --- 1. slices with an end past the size (INT64_MAX) or negative, replayed by the fallback ---
+
+class RotaryHalf(nn.Module):
+    """nn.Bilinear (which only the fallback handles), a rotate-half and a shifted slice."""
+
+    def __init__(self, negative_end):
+        super().__init__()
+        self.bil, self.lin = nn.Bilinear(6, 6, 8), nn.Linear(8, 3)
+        self.negative_end = negative_end
+
+    def forward(self, x):
+        h = self.bil(x, x)
+        n = h.shape[-1]
+        h = torch.cat((-h[..., n // 2:], h[..., :n // 2]), -1)  # ends at INT64_MAX
+        return self.lin(h[:, :-1] if self.negative_end else h[:, 1:])  # ends at -1
+
+
+@pytest.mark.parametrize("negative_end,compiled", [(False, False), (True, False), (True, True)])
+def test_fallback_replays_unnormalized_slices(negative_end, compiled):
+    before = rule_counters["fallback"]
+    routes = run_check(RotaryHalf(negative_end), (torch.randn(4, 5, 6, dtype=D),), compiled=compiled)
+    assert routes["bil.weight"].rule == "fallback" and rule_counters["fallback"] > before
+    assert routes["lin.weight"].rule == "linear"
+
+
+class SelectScatterNegative(nn.Module):
+    """x[:, -1] = ... : a select_scatter with a negative index in the fallback's slice."""
+
+    def __init__(self):
+        super().__init__()
+        self.bil, self.lin = nn.Bilinear(6, 6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.bil(x, x).clone()
+        h[:, -1] = h[:, -1] * 2
+        return self.lin(h)
+
+
+def test_fallback_replays_negative_select_scatter():
+    routes = run_check(SelectScatterNegative(), (torch.randn(4, 5, 6, dtype=D),))
+    assert routes["bil.weight"].rule == "fallback"
+
+
+# --- 2. as_strided_scatter: the backward of adaptive average pooling in some layouts ---
+
+class PoolTokens(nn.Module):
+    """Linear -> transpose(1, 2) -> AdaptiveAvgPool1d(1) -> flatten -> Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.pool, self.b = nn.Linear(6, 8), nn.AdaptiveAvgPool1d(1), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.b(self.pool(self.a(x).transpose(1, 2)).flatten(1))
+
+
+class ChannelsFirstNorm(nn.Module):
+    """Conv2d -> LayerNorm over channels (permute, norm, permute back) -> AdaptiveAvgPool2d(1)
+    -> Linear, as in ConvNeXt and Swin."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.ln = nn.Conv2d(3, 8, 3), nn.LayerNorm(8)
+        self.pool, self.b = nn.AdaptiveAvgPool2d(1), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.ln(self.c(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.b(self.pool(h).flatten(1))
+
+
+def test_adaptive_pool_backward_keeps_linear_rules():
+    before = rule_counters["fallback"]
+    routes = run_check(PoolTokens(), (torch.randn(4, 5, 6, dtype=D),))
+    assert routes["a.weight"].rule == "linear" and routes["b.weight"].rule == "linear"
+    assert rule_counters["fallback"] == before
+    assert registered_layout_rules()["aten.as_strided_scatter.default"] == "views"
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_channels_first_norm_then_pool_keeps_the_conv_rule(compiled):
+    before = rule_counters["fallback"]
+    routes = run_check(ChannelsFirstNorm(), (torch.randn(4, 3, 6, 6, dtype=D),), compiled=compiled)
+    assert routes["c.weight"].rule == "conv" and routes["ln.weight"].rule == "unreduce"
+    assert rule_counters["fallback"] == before
+
+
+class BilinearThenPool(nn.Module):
+    """A fallback parameter whose backward slice holds the as_strided_scatter."""
+
+    def __init__(self):
+        super().__init__()
+        self.bil, self.pool, self.b = nn.Bilinear(6, 6, 8), nn.AdaptiveAvgPool1d(1), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.b(self.pool(self.bil(x, x).transpose(1, 2)).flatten(1))
+
+
+def test_fallback_replays_as_strided_scatter():
+    routes = run_check(BilinearThenPool(), (torch.randn(4, 5, 6, dtype=D),))
+    assert routes["bil.weight"].rule == "fallback"
+
+
+# --- 3. baddbmm / addbmm: attention with masks, need_weights ---
+
+class Attention(nn.Module):
+    def __init__(self, kind):
+        super().__init__()
+        self.m, self.kind = nn.MultiheadAttention(8, 2, batch_first=True), kind
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        if self.kind == "attn_mask":
+            return self.m(x, x, x, attn_mask=torch.triu(torch.ones(T, T, dtype=torch.bool), 1))[0]
+        if self.kind == "key_padding_mask":
+            pad = torch.zeros(B, T, dtype=torch.bool)
+            pad[:, -1] = True
+            return self.m(x, x, x, key_padding_mask=pad)[0]
+        out, weights = self.m(x, x, x)  # need_weights=True (the default)
+        return out + weights.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("kind,compiled", [("attn_mask", False), ("key_padding_mask", False),
+                                           ("weights", False), ("key_padding_mask", True)])
+def test_multihead_attention_with_masks_takes_the_linear_rule(kind, compiled):
+    routes = run_check(Attention(kind), (torch.randn(4, 5, 8, dtype=D),), compiled=compiled)
+    assert routes["m.in_proj_weight"].rule == "linear" and routes["m.out_proj.weight"].rule == "linear"
+    assert registered_layout_rules()["aten.baddbmm.default"] == "matmul"
+
+
+def test_baddbmm_and_addbmm_over_the_batch_are_refused():
+    contract = lambda h: torch.baddbmm(h.new_zeros(4, 4, 4), h.reshape(-1, 4, 4).permute(1, 2, 0),  # noqa: E731
+                                       h.reshape(-1, 4, 4).transpose(0, 1)).sum() + h
+    summed = lambda h: h * torch.addbmm(h.new_zeros(4, 4), h.reshape(-1, 4, 4), h.reshape(-1, 4, 4)).sum()  # noqa: E731
+    for fn, op in ((contract, "baddbmm"), (summed, "addbmm")):
+        pm = fxclip.privatize(Wrap(fn, d=16), max_grad_norm=1.0)
+        with pytest.raises(fxclip.PrivacyError, match=f"aten::{op}.*mixes samples"):
+            pm(torch.randn(5, 3)).sum().backward()
