@@ -1,10 +1,9 @@
-"""One privatized step of a zoo model against the float64 torch.func reference."""
+"""One privatized step of a zoo model against float64 per-sample gradients (autograd, one sample at a time)."""
 from __future__ import annotations
 
 import contextlib
 
 import torch
-from torch.func import functional_call, grad
 
 import fxclip
 
@@ -17,21 +16,18 @@ def mse(out, target):
 
 def reference_grads(model, inputs, target):
     """{name: (B, *shape)} per-sample gradients of the batch loss's terms mean_i L_i, one sample
-    at a time (HF models branch on their inputs' values, e.g. an all-ones mask, which vmap cannot
-    trace). Each term keeps the 1/B of the mean, so the output gradient entering the backward is
-    the same number as in the batched backward: HF models compute softmax and RMSNorm in float32
-    even in a float64 model, and there a gradient scaled by 1/B after the fact would round
-    differently."""
-    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-    buffers = dict(model.named_buffers())
+    at a time with plain autograd (HF models branch on their inputs' values, e.g. an all-ones
+    mask, which vmap cannot trace, and BLOOM's GELU is an autograd.Function torch.func rejects).
+    Each term keeps the 1/B of the mean, so the output gradient entering the backward is the same
+    number as in the batched backward."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]
     batch = target.shape[0]
-
-    def loss(p, x, y):
-        return mse(functional_call(model, (p, buffers), x), y) / batch
-
-    per = [grad(loss)(params, tuple(t[i:i + 1] for t in inputs), target[i:i + 1])
-           for i in range(target.shape[0])]
-    return {n: torch.stack([g[n] for g in per]) for n in params}
+    per = []
+    for i in range(batch):
+        loss = mse(model(*(t[i:i + 1] for t in inputs)), target[i:i + 1]) / batch
+        per.append(torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True))
+    return {n: torch.stack([g[k] for g in per]) for k, n in enumerate(names)}
 
 
 def check(model, inputs, compiled=False, tol=1e-9, float64_islands=True):
