@@ -33,6 +33,15 @@ def install() -> None:
     _torch.install_inductor_joint_pass(_inductor_pass, _pass_version())
 
 
+def trace_recurrent_modules(model) -> None:
+    """nn.LSTM/GRU/RNN inside a privatized model are traced into their cell ops (Dynamo breaks
+    the graph at them by default), so their parameters are clipped like any other."""
+    import torch.nn as nn
+
+    if any(isinstance(m, nn.RNNBase) for m in model.modules()):
+        _torch.allow_rnn_tracing()
+
+
 def is_compiling() -> bool:
     return _torch.is_compiling()
 

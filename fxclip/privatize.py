@@ -149,12 +149,22 @@ def _mark_input(x):
     return ops.batch_input(x) if isinstance(x, torch.Tensor) else x
 
 
+def _is_packed(x) -> bool:
+    return isinstance(x, nn.utils.rnn.PackedSequence)
+
+
 def _check_inputs(args, kwargs, check_sizes: bool) -> None:
     """Tensor leaves (of any pytree: tuples, lists, dicts) are per-sample data with the batch in
     dim 0; other leaves must be plain constants shared by every sample."""
-    leaves, _ = tree_flatten((args, kwargs))
+    leaves, _ = tree_flatten((args, kwargs), is_leaf=_is_packed)
     sizes = []
     for i, leaf in enumerate(leaves):
+        if _is_packed(leaf):
+            raise PrivacyError(
+                f"input {i} (in flattened order) is a PackedSequence: it packs every sample's steps "
+                "into one tensor ordered by time, so it has no batch dim to clip per sample. Pass "
+                "the padded batch (B, T, ...) instead (with batch_first=True for nn.LSTM/GRU/RNN) "
+                "and mask or gather the padded steps, e.g. h[arange(B), lengths - 1].")
         if isinstance(leaf, torch.Tensor):
             if leaf.dim() == 0:
                 raise PrivacyError(
@@ -224,6 +234,7 @@ def privatize(model: nn.Module, *, max_grad_norm: float, loss_reduction: str = "
         raise ValueError(f"nonfinite must be 'refuse' or 'drop', got {nonfinite!r}")
     _refuse_unsupported_modules(model)
     _compile.install()
+    _compile.trace_recurrent_modules(model)
     return PrivatizedModule(model, max_grad_norm, loss_reduction, clipping, nonfinite)
 
 
@@ -232,16 +243,16 @@ def _refuse_unsupported_modules(model: nn.Module) -> None:
     for path, module in model.named_modules():
         where = f"{type(module).__name__} at {path or '<root>'!r}"
         trainable = any(p.requires_grad for p in module.parameters(recurse=False))
-        if isinstance(module, nn.RNNBase) and trainable:
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.max_norm is not None:
             raise PrivacyError(
-                f"{where}: recurrent modules (nn.LSTM/GRU/RNN) run as one fused op that "
-                "torch.compile does not trace into a graph, so fxclip cannot clip their per-sample "
-                "gradients. Write the recurrence with nn.Linear cells (e.g. an LSTMCell-style loop), "
-                "or freeze the module (requires_grad_(False)).")
-        if isinstance(module, nn.Embedding) and module.sparse and trainable:
+                f"{where}: max_norm={module.max_norm} renormalizes rows of the weight in place "
+                "inside the forward, from the batch's ids: an update of the model that bypasses "
+                "clipping and noise. Use max_norm=None (renormalize in the optimizer step if you "
+                "need it).")
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.sparse and trainable:
             raise PrivacyError(
                 f"{where}: sparse=True gives sparse gradients, which the joint graph cannot carry "
-                "per sample. Use nn.Embedding(..., sparse=False).")
+                f"per sample. Use nn.{type(module).__name__}(..., sparse=False).")
 
 
 def unprivatize(pm: nn.Module) -> nn.Module:

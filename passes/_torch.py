@@ -112,7 +112,8 @@ def input_index(placeholder) -> int | None:
 
 
 def compile_with_backend(fn, backend):
-    """Trace `fn` whole with Dynamo; a graph break is refused rather than split."""
+    """Trace `fn` whole with Dynamo; a graph break is refused rather than split, and every
+    tracing failure becomes a PrivacyError naming the user's line and what to change."""
     compiled = torch.compile(fn, backend=backend, fullgraph=True, dynamic=None)
 
     def call(*args, **kwargs):
@@ -120,13 +121,54 @@ def compile_with_backend(fn, backend):
 
         try:
             return compiled(*args, **kwargs)
-        except _dynamo_exc.Unsupported as e:
-            raise PrivacyError(
-                "fxclip could not trace the model as one graph, which per-sample clipping needs: "
-                f"{str(e).splitlines()[0]}. Make the forward traceable by torch.compile(fullgraph=True)."
-            ) from e
+        except (_dynamo_exc.Unsupported, _dynamo_exc.UserError) as e:
+            raise PrivacyError(tracing_failure_message(e)) from e
 
     return call
+
+
+def allow_rnn_tracing() -> None:
+    """Dynamo traces nn.LSTM/GRU/RNN modules (their cell ops) instead of breaking the graph at
+    them. Under the user's own torch.compile no scope of ours is open while Dynamo traces, so the
+    switch is set for the process (privatize does it only for models holding an RNN module;
+    tracing them instead of breaking the graph changes no values)."""
+    import torch._dynamo.config as _dynamo_config
+
+    _dynamo_config.allow_rnn = True
+
+
+def _user_line(e) -> str:
+    """'file:line in fn: `source`' of the innermost user frame Dynamo was tracing, or ''."""
+    import linecache
+
+    frames = [f for f in (getattr(e, "real_stack", None) or []) if "/fxclip/" not in f.filename]
+    if not frames:
+        return ""
+    f = frames[-1]
+    source = (linecache.getline(f.filename, f.lineno) or f.line or "").strip()
+    return f"{f.filename}:{f.lineno} in {f.name}" + (f": `{source}`" if source else "")
+
+
+def tracing_failure_message(e) -> str:
+    """What failed to trace, where, and what to change."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    where = _user_line(e)
+    at = f" at {where}" if where else ""
+    head = "fxclip could not trace the model as one graph, which per-sample clipping needs"
+    if "requires_grad" in first and "setattr" in first:
+        return (f"{head}: the forward sets `requires_grad` on a tensor{at}. torch.compile cannot "
+                "trace that. Remove the assignment from the forward (fxclip's backward reaches "
+                "every trainable parameter without it). In HF wav2vec2-style feature encoders the "
+                "line only serves gradient checkpointing: set "
+                "`model.feature_extractor._requires_grad = False` and its parameters still train.")
+    if isinstance(e, _dynamo_exc.UserError) or "data-dependent" in str(e):
+        return (f"{head}: control flow{at} depends on tensor values (a loop or branch over "
+                "data-dependent values, such as a Mixture-of-Experts loop `for expert_idx in "
+                "expert_hit`), so the graph's shape is not known at trace time. Compute every "
+                "branch for every sample and combine with masks or torch.where (e.g. run each "
+                "expert on all tokens and weight its output by the routing weights), or move the "
+                f"data-dependent part out of the privatized model. ({first})")
+    return (f"{head}: {first}{at}. Make the forward traceable by torch.compile(fullgraph=True).")
 
 
 def no_ddp_graph_split():

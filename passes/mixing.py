@@ -46,6 +46,24 @@ UNKNOWN_HINT = (
     "with fxclip.passes.layout.register_per_sample(torch.ops.{op})."
 )
 
+FUSED_RNN_HINT = (
+    "this platform runs the recurrent module (nn.LSTM/GRU/RNN) as one fused op, which fxclip "
+    "cannot see into to clip per sample. Where the traced graph holds its cell ops (CPU, or "
+    "cuDNN off: torch.backends.cudnn.flags(enabled=False)) it is clipped exactly; otherwise write "
+    "the recurrence with nn.Linear cells, or freeze the module (requires_grad_(False))."
+)
+
+EMBEDDING_BAG_HINT = (
+    "nn.EmbeddingBag with 1-D ids and offsets cuts bags from one flat list, which has no batch "
+    "dim to clip per sample. Pass 2-D bags (B, L), one bag per sample (pad shorter bags with "
+    "padding_idx), and no offsets."
+)
+
+
+def _is_fused_rnn(node: fx.Node) -> bool:
+    name = getattr(node.target, "__name__", str(node.target)).split(".")[0]
+    return any(k in name for k in ("rnn", "lstm", "gru"))
+
 
 def model_region(batch_inputs, model_outputs) -> set:
     """Forward nodes between the marked inputs and the marked outputs (both included)."""
@@ -110,6 +128,10 @@ def check_batch_independence(graph: fx.Graph, layouts: dict, model_nodes: set) -
                 f"per-sample clipping would not bound its influence. {hint}"
             )
         op = str(node.target).replace("aten.", "aten.", 1)
+        if _is_fused_rnn(node):
+            raise PrivacyError(f"{_op_name(node)}{_where(node)}: " + FUSED_RNN_HINT)
+        if node.target == aten._embedding_bag.default:
+            raise PrivacyError(f"{_op_name(node)}{_where(node)}: " + EMBEDDING_BAG_HINT)
         raise PrivacyError(
             f"{_op_name(node)}{_where(node)}: fxclip cannot prove that this op keeps samples "
             f"independent (batch layout unknown). " + UNKNOWN_HINT.format(op=op)
@@ -132,10 +154,13 @@ def check_no_batch_state(graph: fx.Graph, layouts: dict, param_nodes: list, name
             continue
         dst, src = node.args[:2]
         if dst.op == "placeholder" and src in layouts:
-            path, _ = module_path(node)
+            path, cls = module_path(src)
+            module = f"module {path or '<root>'!r} ({cls})"
+            what = (f"{module} updates its running statistics (running_mean, running_var: "
+                    "track_running_stats=True) from the batch" if "Norm" in cls else
+                    f"{module} writes one of its buffers from the batch" if cls else
+                    "a buffer is written from the batch")
             raise PrivacyError(
-                f"a buffer{(' of ' + repr(path)) if path else ''} ({dst.name}) is written inside "
-                "the forward from the batch's values (like BatchNorm's running statistics). It "
-                "would carry statistics of the samples out of the step without clipping or "
-                "noise. Keep such modules in eval mode, or update the buffer outside the model."
-            )
+                f"{what}: a buffer written inside the forward from the batch's values would carry "
+                "statistics of the samples out of the step without clipping or noise. Keep such modules in eval mode, build them with "
+                "track_running_stats=False, or update the buffer outside the model.")

@@ -95,6 +95,10 @@ def _read_spec(outputs) -> dict:
             "mean": mean, "token": token, "nonfinite": nonfinite}
 
 
+def _empty_batch_of(inputs) -> bool:
+    return known_equal(inputs[0].args[0].meta["val"].shape[0], 0)
+
+
 def _remove(marker):
     marker.replace_all_uses_with(marker.args[0])
     marker.graph.erase_node(marker)
@@ -201,7 +205,9 @@ def rewrite_joint_graph(graph: fx.Graph) -> RewriteReport | None:
     if not inputs and not outputs:
         return None
     grads_in = _markers(graph, ops.OUTPUT_GRAD)
-    if not inputs or not outputs or not grads_in:
+    # with B = 0 an output gradient that no gradient reads (a last LayerNorm's gradient is a
+    # constant zero) is traced away with its marker: no graph break, just nothing to clip
+    if not inputs or not outputs or not (grads_in or _empty_batch_of(inputs)):
         raise PrivacyError(GRAPH_BREAK)
     spec = _read_spec(outputs)
     outputs_params = outputs[0].args[1]

@@ -153,3 +153,53 @@ def test_baddbmm_and_addbmm_over_the_batch_are_refused():
         pm = fxclip.privatize(Wrap(fn, d=16), max_grad_norm=1.0)
         with pytest.raises(fxclip.PrivacyError, match=f"aten::{op}.*mixes samples"):
             pm(torch.randn(5, 3)).sum().backward()
+
+
+# --- 5. nn.EmbeddingBag with 2-D bags: a ghost-norm rule ---
+
+class Bags(nn.Module):
+    def __init__(self, mode, padding_idx=None, tied=False):
+        super().__init__()
+        self.bag = nn.EmbeddingBag(12, 6, mode=mode, padding_idx=padding_idx)
+        self.head = nn.Linear(6, 12)
+        if tied:
+            self.head.weight = self.bag.weight  # the table is also the output layer
+
+    def forward(self, ids, weights=None):
+        return self.head(torch.tanh(self.bag(ids, per_sample_weights=weights)))
+
+
+def _bags():
+    ids = torch.randint(1, 12, (4, 5))
+    ids[:, 1] = ids[:, 0]  # repeated ids inside a bag
+    ids[0, 3:] = 0  # padding (with padding_idx=0)
+    ids[1] = 0  # a bag holding padding only
+    return ids
+
+
+@pytest.mark.parametrize("mode,padding_idx,weighted,tied,compiled", [
+    ("sum", None, False, False, False), ("sum", 0, True, False, False), ("mean", 0, False, False, False),
+    ("max", 0, False, False, False), ("max", None, False, False, False), ("sum", None, False, True, False),
+    ("mean", 0, False, False, True)])
+def test_embedding_bag_rule(mode, padding_idx, weighted, tied, compiled):
+    ids = _bags()
+    inputs = (ids, torch.rand(4, 5, dtype=D)) if weighted else (ids,)
+    before = rule_counters["embedding_bag"]
+    routes = run_check(Bags(mode, padding_idx, tied), inputs, compiled=compiled)
+    assert "embedding_bag" in routes["bag.weight"].rule and "fallback" not in routes["bag.weight"].rule
+    assert rule_counters["embedding_bag"] > before
+
+
+def test_embedding_bag_with_per_sample_offsets_is_refused_with_a_hint():
+    class FlatBags(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bag = nn.EmbeddingBag(12, 6)
+
+        def forward(self, ids, starts):
+            return self.bag(ids.flatten(), starts[:, 0] * ids.shape[1])
+
+    pm = fxclip.privatize(FlatBags(), max_grad_norm=1.0)
+    starts = torch.arange(4)[:, None]
+    with pytest.raises(fxclip.PrivacyError, match=r"module 'bag' \(EmbeddingBag\).*Pass 2-D bags"):
+        pm(torch.randint(0, 12, (4, 5)), starts).sum().backward()

@@ -254,4 +254,4 @@ def register_per_sample(*ops):
 
 # Families, one file each (imported for their registrations; later files may refine earlier ones).
 from . import (pointwise, views, reductions, along, matmul, slicing, indexing,  # noqa: E402,F401
-               per_sample, norms, attention)
+               per_sample, norms, attention, embedding_bag)

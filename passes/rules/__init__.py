@@ -207,4 +207,4 @@ class InstantiatedRoute(Route):
 
 
 # Import order is priority order.
-from . import batch_of_one, linear, conv, embedding, unreduce, fallback  # noqa: E402,F401
+from . import batch_of_one, linear, conv, embedding, embedding_bag, unreduce, fallback  # noqa: E402,F401

@@ -1,0 +1,181 @@
+"""Architectures that keep samples apart must train, not be refused: time-first stacks of
+per-step states, recurrent layers (frozen or trainable), an empty batch ending in LayerNorm.
+Tracing failures and refusals name the user's line or module and what to change."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fxclip
+from test_ops_rules import mse, run_check
+
+D = torch.float64
+
+
+# --- 4. per-step states stacked time-first ---
+
+class TimeFirstRecurrence(nn.Module):
+    """A Linear-cell recurrence whose states are stacked (or concatenated) along dim 0."""
+
+    def __init__(self, join):
+        super().__init__()
+        self.inp, self.cell, self.out = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+        self.join = join
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x[:, 0]))
+        states = [h]
+        for t in range(1, x.shape[1]):
+            h = torch.tanh(self.inp(x[:, t]) + self.cell(h))
+            states.append(h)
+        T, B = len(states), x.shape[0]
+        if self.join == "stack":
+            steps = torch.stack(states, 0)  # (T, B, 8)
+        else:
+            steps = torch.cat(states, 0).reshape(T, B, 8)  # (T * B, 8): pieces each carry the batch
+        return self.out(steps).transpose(0, 1)
+
+
+@pytest.mark.parametrize("join,compiled", [("stack", False), ("cat", False), ("stack", True)])
+def test_time_first_stack_of_states_is_per_sample(join, compiled):
+    routes = run_check(TimeFirstRecurrence(join), (torch.randn(4, 3, 4, dtype=D),), compiled=compiled)
+    assert routes["out.weight"].rule == "linear" and routes["cell.weight"].rule == "linear"
+
+
+def test_cat_along_the_batch_with_a_shared_row_is_still_refused():
+    class AddsRow(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.row = nn.Linear(3, 4), nn.Parameter(torch.randn(1, 4))
+
+        def forward(self, x):
+            h = torch.cat([self.a(x), self.row], 0)  # a row that belongs to no sample
+            return (h - h.mean(0)).narrow(0, 0, x.shape[0])
+
+    with pytest.raises(fxclip.PrivacyError, match="aten::cat.*mixes samples"):
+        fxclip.privatize(AddsRow(), max_grad_norm=1.0)(torch.randn(4, 3)).sum().backward()
+
+
+# --- 6. recurrent layers: frozen next to trainable layers, and trainable, untouched ---
+
+def loop_reference(model, x, targets, C):
+    """Per-sample gradients by one backward per sample (torch.func cannot vmap nn.LSTM), then
+    fxclip's contract: (1/B) sum_i R_i grad_i and the norms."""
+    grads = []
+    for i in range(x.shape[0]):
+        m = copy.deepcopy(model)
+        mse(m(x[i:i + 1]), targets[i:i + 1]).backward()
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.requires_grad})
+    norms = torch.stack([sum(g.square().sum() for g in gi.values()).sqrt() for gi in grads])
+    factor = (C / (norms + 1e-6)).clamp(max=1.0)
+    expected = {n: sum(f * gi[n] for f, gi in zip(factor, grads)) / len(grads) for n in grads[0]}
+    return expected, norms
+
+
+class Recurrent(nn.Module):
+    def __init__(self, kind, trainable):
+        super().__init__()
+        self.rnn, self.head = kind(4, 8, batch_first=True), nn.Linear(8, 2)
+        self.rnn.requires_grad_(trainable)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0])
+
+
+@pytest.mark.parametrize("kind,trainable,compiled", [
+    (nn.LSTM, False, False), (nn.LSTM, True, False), (nn.GRU, True, False), (nn.RNN, True, False),
+    (nn.GRU, True, True)])
+def test_recurrent_layers_are_clipped_exactly(kind, trainable, compiled):
+    model = Recurrent(kind, trainable).to(D)
+    reference_model = copy.deepcopy(model)
+    pm = fxclip.privatize(model, max_grad_norm=0.5)
+    x = torch.randn(4, 3, 4, dtype=D)
+    out = (torch.compile(pm) if compiled else pm)(x)
+    targets = torch.randn_like(out)
+    mse(out, targets).backward()
+    expected, norms = loop_reference(reference_model, x, targets, 0.5)
+    assert (0.5 / norms).min() < 1
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert (p.grad - expected[n]).abs().max() < 1e-9 * expected[n].abs().max(), n
+    assert torch.allclose(pm.per_sample_norms.to(D), norms, rtol=1e-8)
+    routes = {r.name: r.rule for r in pm.last_report.params}
+    if trainable:
+        assert "linear" in routes["rnn.weight_ih_l0"] and "linear" in routes["rnn.weight_hh_l0"]
+
+
+def test_packed_sequence_input_is_named():
+    model = nn.LSTM(4, 8, batch_first=True)
+    packed = nn.utils.rnn.pack_padded_sequence(torch.randn(3, 5, 4), [5, 3, 2], batch_first=True)
+    with pytest.raises(fxclip.PrivacyError, match="PackedSequence.*padded batch"):
+        fxclip.privatize(model, max_grad_norm=1.0)(packed)
+
+
+# --- 7. an empty batch whose last layer's gradient is a constant zero ---
+
+def test_empty_batch_ending_in_layer_norm_gives_zero_gradients():
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4))
+    pm = fxclip.privatize(model, max_grad_norm=1.0, loss_reduction="sum")
+    pm(torch.randn(0, 3)).sum().backward()
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+    assert pm.per_sample_norms.shape == (0,)
+
+
+# --- 8, 9. tracing failures name the line; refusals name the module and the cause ---
+
+class SetsRequiresGrad(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.l(x)
+        h.requires_grad = True
+        return h
+
+
+class ExpertLoop(nn.Module):
+    """Mixture-of-Experts routing with a loop over the experts the batch hit."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate, self.experts = nn.Linear(4, 3), nn.ModuleList(nn.Linear(4, 2) for _ in range(3))
+
+    def forward(self, x):
+        route = self.gate(x).argmax(-1)
+        out = x.new_zeros(x.shape[0], 2)
+        expert_hit = torch.unique(route)
+        for expert_idx in expert_hit:
+            hit = route == expert_idx
+            out[hit] = self.experts[int(expert_idx)](x[hit])
+        return out
+
+
+def test_setting_requires_grad_in_forward_names_the_line():
+    with pytest.raises(fxclip.PrivacyError, match=r"sets `requires_grad`.*test_breadth_models.py:\d+ "
+                                                  r"in forward: `h.requires_grad = True`"):
+        fxclip.privatize(SetsRequiresGrad(), max_grad_norm=1.0)(torch.randn(4, 4))
+
+
+def test_data_dependent_loop_is_a_privacy_error_naming_the_loop():
+    with pytest.raises(fxclip.PrivacyError, match=r"control flow.*`for expert_idx in expert_hit:`"
+                                                  r".*depends on tensor values.*masks"):
+        fxclip.privatize(ExpertLoop(), max_grad_norm=1.0)(torch.randn(4, 4))
+
+
+def test_instance_norm_running_stats_are_named():
+    model = nn.Sequential(nn.Conv1d(3, 4, 3), nn.InstanceNorm1d(4, affine=True, track_running_stats=True))
+    with pytest.raises(fxclip.PrivacyError, match=r"module '1' \(InstanceNorm1d\) updates its running "
+                                                  r"statistics \(running_mean") as info:
+        fxclip.privatize(model, max_grad_norm=1.0)(torch.randn(4, 3, 6)).sum().backward()
+    assert "primals" not in str(info.value)
+
+
+@pytest.mark.parametrize("make", [lambda: nn.Embedding(10, 4, max_norm=1.0),
+                                  lambda: nn.EmbeddingBag(10, 4, max_norm=1.0)])
+def test_embedding_max_norm_is_named(make):
+    with pytest.raises(fxclip.PrivacyError, match="max_norm=1.0 renormalizes rows of the weight in place"):
+        fxclip.privatize(nn.Sequential(make()), max_grad_norm=1.0)
