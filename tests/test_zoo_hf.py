@@ -21,10 +21,10 @@ CASES = [
     ("gpt2", "sdpa"), ("llama", "eager"), ("qwen2", "sdpa"), ("bert", "eager"), ("distilbert", "sdpa"),
     ("t5", "eager"), ("vit", "sdpa"), ("convnext", "eager"), ("wav2vec2_unmasked", "sdpa"), ("whisper_encoder", "eager"),
     *[pytest.param(*c, marks=slow) for c in [
-        ("gpt_neo", "eager"), ("bloom", "eager"), ("gptj", "sdpa"), ("codegen", "eager"), ("opt", "sdpa"),
+        ("gpt_neo", "eager"), ("bloom", "eager"), ("gptj", "sdpa"), ("opt", "sdpa"),
         ("mistral", "sdpa"), ("gemma", "eager"), ("phi", "sdpa"),
         ("mixtral", "sdpa"), ("gpt_neox", "eager"), ("roberta", "sdpa"), ("albert", "eager"),
-        ("electra", "sdpa"), ("deberta_v2", "eager"), ("bart", "sdpa"), ("deit", "eager"), ("beit", "sdpa"),
+        ("deberta_v2", "eager"), ("bart", "sdpa"), ("beit", "sdpa"),
         ("dinov2", "eager"), ("swin", "sdpa"), ("convnextv2", "eager"), ("clip_vision", "sdpa"),
         ("siglip_vision", "eager"), ("wav2vec2_group", "eager"), ("hubert_unmasked", "eager"),
         ("wavlm_unmasked", "eager"),
@@ -100,10 +100,10 @@ def test_peft_lora_only_adapters_trainable(name, targets):
     assert all(p.grad is None for n, p in model.named_parameters() if n not in trainable)
 
 
-@pytest.mark.parametrize("name,module", [("resnet", "m.embedder.embedder.normalization"),
-                                         pytest.param("mobilevit", "m.conv_stem.normalization", marks=slow)])
-def test_batchnorm_in_training_is_refused(name, module):
-    model, inputs = MODELS[name]("eager")
+def test_batchnorm_in_training_is_refused():
+    """BatchNorm in training normalizes each sample with the whole batch's statistics."""
+    model, inputs = MODELS["resnet"]("eager")
+    module = "m.embedder.embedder.normalization"
     with pytest.raises(fxclip.PrivacyError, match=rf"var_mean.* in module '{module}' \(BatchNorm2d\) mixes samples"):
         check(model, inputs())
     assert all(p.grad is None for p in model.parameters())
@@ -114,10 +114,9 @@ def test_batchnorm_in_eval_is_exact():
     model, inputs = MODELS["resnet"]("eager")
     model.eval()
     rules = check(model, inputs())
-    # No rule yet for the eval-mode BatchNorm weight: its gradient is sum(g * x_hat) times
-    # rsqrt(running_var + eps), a per-channel factor the contribution walk does not pass through.
-    bn_weights = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
-    assert_rules(model, rules, "resnet", fallback=bn_weights)
+    assert_rules(model, rules, "resnet")
+    norms = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms and all(rules[f"{n}.{p}"] == "unreduce" for n in norms for p in ("weight", "bias"))
 
 
 def test_float32_upcasts_as_shipped():
