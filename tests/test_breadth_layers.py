@@ -10,6 +10,7 @@ import torch.nn as nn
 import fxclip
 from fxclip.passes import rule_counters
 from fxclip.passes.layout import registered_layout_rules
+from test_breadth_models import check_against_loop
 from test_ops_rules import run_check
 from test_safety_refusals import Wrap
 
@@ -203,3 +204,58 @@ def test_embedding_bag_with_per_sample_offsets_is_refused_with_a_hint():
     starts = torch.arange(4)[:, None]
     with pytest.raises(fxclip.PrivacyError, match=r"module 'bag' \(EmbeddingBag\).*Pass 2-D bags"):
         pm(torch.randint(0, 12, (4, 5)), starts).sum().backward()
+
+
+# --- masks built per sample (wav2vec2's feature-vector mask): index_put at arange(B), repeat,
+# and an elementwise bool-mask fill ---
+
+class LengthMasked(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x, lengths):
+        B, T, _ = x.shape
+        mask = torch.zeros(B, T, dtype=torch.long)
+        mask[(torch.arange(B), lengths - 1)] = 1  # each sample writes its own row
+        mask = mask.flip([-1]).cumsum(-1).flip([-1]).bool()
+        h = self.a(x)
+        h[~mask.unsqueeze(-1).repeat(1, 1, h.shape[-1])] = 0  # an elementwise fill
+        return self.b(h)
+
+
+def test_per_sample_length_mask_is_not_refused():
+    lengths = torch.tensor([5, 3, 1, 4])
+    routes = check_against_loop(LengthMasked(), (torch.randn(4, 5, 6, dtype=D), lengths))
+    assert routes["a.weight"] == "linear" and routes["b.weight"] == "linear"
+
+
+def test_writing_another_samples_row_is_still_refused():
+    def shifted(h):
+        B = h.shape[0]
+        out = torch.zeros(B, h.shape[1])
+        out[(torch.arange(B) + 1) % B] = h  # sample b's values land in row b + 1
+        return out
+
+    pm = fxclip.privatize(Wrap(shifted), max_grad_norm=1.0)
+    with pytest.raises(fxclip.PrivacyError, match="aten::index_put.*mixes samples"):
+        pm(torch.randn(5, 3)).sum().backward()
+
+
+class HeadPick(nn.Module):
+    """x[:, :, [k]] with a constant index list (Falcon's multi-query key/value heads): its
+    backward is an index_put accumulate whose values carry the batch ahead of the index."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.out = nn.Linear(6, 32), nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.qkv(x).view(x.shape[0], x.shape[1], 4, 8)
+        return self.out(torch.cat([h[:, :, [3]], h[:, :, [0]]], 2).flatten(2))
+
+
+def test_constant_index_after_the_batch_keeps_the_linear_rule():
+    before = rule_counters["fallback"]
+    routes = run_check(HeadPick(), (torch.randn(4, 5, 6, dtype=D),))
+    assert routes["qkv.weight"].rule == "linear" and rule_counters["fallback"] == before

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 import fxclip
+from fxclip.passes import rule_counters
 from test_ops_rules import mse, run_check
 
 D = torch.float64
@@ -61,13 +62,13 @@ def test_cat_along_the_batch_with_a_shared_row_is_still_refused():
 
 # --- 6. recurrent layers: frozen next to trainable layers, and trainable, untouched ---
 
-def loop_reference(model, x, targets, C):
-    """Per-sample gradients by one backward per sample (torch.func cannot vmap nn.LSTM), then
-    fxclip's contract: (1/B) sum_i R_i grad_i and the norms."""
+def loop_reference(model, inputs, targets, C):
+    """Per-sample gradients by one backward per sample (torch.func cannot vmap nn.LSTM or a
+    bool-mask index_put), then fxclip's contract: (1/B) sum_i R_i grad_i and the norms."""
     grads = []
-    for i in range(x.shape[0]):
+    for i in range(targets.shape[0]):
         m = copy.deepcopy(model)
-        mse(m(x[i:i + 1]), targets[i:i + 1]).backward()
+        mse(m(*(t[i:i + 1] for t in inputs)), targets[i:i + 1]).backward()
         grads.append({n: p.grad for n, p in m.named_parameters() if p.requires_grad})
     norms = torch.stack([sum(g.square().sum() for g in gi.values()).sqrt() for gi in grads])
     factor = (C / (norms + 1e-6)).clamp(max=1.0)
@@ -85,26 +86,60 @@ class Recurrent(nn.Module):
         return self.head(self.rnn(x)[0])
 
 
-@pytest.mark.parametrize("kind,trainable,compiled", [
-    (nn.LSTM, False, False), (nn.LSTM, True, False), (nn.GRU, True, False), (nn.RNN, True, False),
-    (nn.GRU, True, True)])
-def test_recurrent_layers_are_clipped_exactly(kind, trainable, compiled):
-    model = Recurrent(kind, trainable).to(D)
+def check_against_loop(model, inputs, compiled=False, C=0.5):
+    """run_check's exactness test with the loop reference; returns {parameter: rule}."""
+    model = model.to(D)
     reference_model = copy.deepcopy(model)
-    pm = fxclip.privatize(model, max_grad_norm=0.5)
-    x = torch.randn(4, 3, 4, dtype=D)
-    out = (torch.compile(pm) if compiled else pm)(x)
+    pm = fxclip.privatize(model, max_grad_norm=C)
+    out = (torch.compile(pm) if compiled else pm)(*inputs)
     targets = torch.randn_like(out)
     mse(out, targets).backward()
-    expected, norms = loop_reference(reference_model, x, targets, 0.5)
-    assert (0.5 / norms).min() < 1
+    expected, norms = loop_reference(reference_model, inputs, targets, C)
+    assert (C / norms).min() < 1
     for n, p in model.named_parameters():
         if p.requires_grad:
             assert (p.grad - expected[n]).abs().max() < 1e-9 * expected[n].abs().max(), n
     assert torch.allclose(pm.per_sample_norms.to(D), norms, rtol=1e-8)
-    routes = {r.name: r.rule for r in pm.last_report.params}
+    _LAST["report"] = pm.last_report
+    return {r.name: r.rule for r in pm.last_report.params}
+
+
+_LAST = {}
+
+
+@pytest.mark.parametrize("kind,trainable,compiled", [
+    (nn.LSTM, False, False), (nn.LSTM, True, False), (nn.GRU, True, False), (nn.RNN, True, False),
+    (nn.GRU, True, True)])
+def test_recurrent_layers_are_clipped_exactly(kind, trainable, compiled):
+    routes = check_against_loop(Recurrent(kind, trainable), (torch.randn(4, 3, 4, dtype=D),), compiled)
     if trainable:
-        assert "linear" in routes["rnn.weight_ih_l0"] and "linear" in routes["rnn.weight_hh_l0"]
+        assert routes["rnn.weight_ih_l0"] == "linear" and routes["rnn.weight_hh_l0"] == "linear"
+        hidden = _LAST["report"].route("rnn.weight_hh_l0")  # one use per step, h0 = 0 included
+        assert hidden.uses == 3 and hidden.shapes["uses"] == "3 stacked: one Gram over 3 rows"
+
+
+class SharedDepth(nn.Module):
+    """One layer applied at every depth (ALBERT, Universal Transformer): 6 uses."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.inp, self.layer, self.out = nn.Linear(4, width), nn.Linear(width, width), nn.Linear(width, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        for _ in range(6):
+            h = h + torch.tanh(self.layer(h))
+        return self.out(h)
+
+
+@pytest.mark.parametrize("width,method", [(64, "Gram"), (4, "per-sample bmm")])
+def test_weight_reused_many_times_is_one_stacked_linear_op(width, method):
+    before = rule_counters["fallback"]
+    routes = run_check(SharedDepth(width), (torch.randn(4, 3, 4, dtype=D),))
+    layer = routes["layer.weight"]
+    assert layer.rule == "linear" and layer.uses == 6 and rule_counters["fallback"] == before
+    assert layer.shapes["uses"] == f"6 stacked: one {method} over 18 rows"
+    assert layer.strategy == ("ghost" if method == "Gram" else "instantiate")
 
 
 def test_packed_sequence_input_is_named():

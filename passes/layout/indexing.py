@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from . import (MIXED, Layout, _arg, _dim, _one, _shape, aten, fits, known_equal, layout_rule)
+from . import (MIXED, Layout, _arg, _dim, _one, _shape, aten, fits, known_equal, layout_rule,
+               same_shape)
 
 
 @layout_rule(aten.index_select.default)
@@ -129,17 +130,54 @@ def _index(node, layouts, B):
 def _index_put_accumulate(node, layouts, B):
     base = node.args[0]
     if base in layouts:
-        return None
+        return _masked_fill_put(node, layouts)
     masked = node.target == aten._unsafe_masked_index_put_accumulate.default
     indices, values = node.args[2:4] if masked else node.args[1:3]
     lay = layouts.get(values)
-    if isinstance(lay, Layout) and lay.batch_major and known_equal(lay.inner, 1):
+    kept = _batch_before_indices(base, indices, values, lay, layouts)
+    if kept is not None:
+        return kept
+    shared = values not in layouts  # the same values for every sample (a constant 1)
+    if shared or (isinstance(lay, Layout) and lay.batch_major and known_equal(lay.inner, 1)):
         for d, idx in enumerate(indices):
-            # the backward of x[arange(B), ...]: each sample's values go back to its own row d
-            if (idx is not None and known_equal(_shape(base)[d], B)
-                    and _per_sample_rows(Layout(d), indices, B, layouts) == lay.dim):
+            # x[arange(B), ...] = v, or the backward of x[arange(B), ...]: each sample's values
+            # go to its own row d (HF builds length masks as mask[arange(B), lengths - 1] = 1)
+            if idx is None or not known_equal(_shape(base)[d], B):
+                continue
+            rows = _per_sample_rows(Layout(d), indices, B, layouts)
+            if rows is not None and (shared or rows == lay.dim):
                 return Layout(d)
     return MIXED  # rows of a shared table written from (possibly) every sample
+
+
+def _batch_before_indices(base, indices, values, lay, layouts):
+    """The layout of index_put(base, indices, values) when the values carry the batch in a dim
+    ahead of every (unbatched) index: the backward of x[:, :, idx] puts each sample's values
+    back into its own rows."""
+    present = [idx for idx in indices if idx is not None]
+    if not isinstance(lay, Layout) or not present or any(idx in layouts for idx in present):
+        return None
+    width, first = _advanced_layout(indices)
+    rank = len(_shape(base)) - len(present) + width  # indexed dims replaced by the index shape
+    if len(_shape(values)) != rank or lay.dim >= first:
+        return None
+    return lay if known_equal(_shape(base)[lay.dim], _shape(values)[lay.dim]) else None
+
+
+def _masked_fill_put(node, layouts):
+    """x[mask] = v with one bool mask over x's leading dims and one value for every element: an
+    elementwise fill (HF: hidden_states[~mask] = 0), per sample like masked_fill."""
+    base, indices, values = node.args[:3]
+    lay = layouts[base]
+    if node.target != aten.index_put.default or len(indices) != 1 or values in layouts:
+        return None
+    mask = indices[0]
+    mv, vv = mask.meta.get("val") if isinstance(mask, fx.Node) else None, values.meta.get("val")
+    if not (isinstance(mv, torch.Tensor) and mv.dtype == torch.bool and vv.numel() == 1):
+        return None
+    if mask in layouts and layouts[mask] != lay:
+        return None
+    return lay if same_shape(_shape(mask), _shape(base)[:mv.dim()]) else None
 
 
 @layout_rule(aten.scatter_add.default, aten.scatter.src, aten.scatter.value, aten.scatter_reduce.two)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from . import Layout, _shape, aten, known_equal, layout_rule
+from . import NO_BATCH, Layout, _shape, aten, known_equal, layout_rule
 
 
 @layout_rule(
@@ -36,3 +36,9 @@ def _broadcast(node, layouts, B):
             return None
         result = cand
     return result
+
+
+@layout_rule(aten.new_empty_strided.default, aten.new_empty.default, aten.new_zeros.default,
+             aten.new_ones.default, aten.new_full.default)
+def _new_tensor(node, layouts, B):
+    return NO_BATCH  # a fresh tensor: only its dtype and device come from the batched input

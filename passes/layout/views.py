@@ -118,3 +118,14 @@ def _as_strided_scatter(node, layouts, B):
     if not _strided_within_samples(node, P, B):
         return None
     return _viewed((B, P), Layout(0), base_shape, B)
+
+
+@layout_rule(aten.repeat.default)
+def _repeat(node, layouts, B):
+    """x.repeat(r): new leading dims, and each dim tiled r times; tiling the batch dim makes
+    r blocks of the batch (outer * r)."""
+    lay = layouts[node.args[0]]
+    repeats = node.args[1]
+    d = lay.dim + len(repeats) - len(_shape(node.args[0]))
+    r = repeats[d].meta["val"] if isinstance(repeats[d], fx.Node) else repeats[d]
+    return Layout(d, lay.outer * r, lay.inner)

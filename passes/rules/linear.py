@@ -114,6 +114,12 @@ def match_linear(contribution, ctx):
         return None
     x, y = root.args[:2]
     lx, ly = ctx.layouts.get(x), ctx.layouts.get(y)
+    # an operand that holds no sample's data (a recurrence's zero initial state) splits its rows
+    # like the other operand's: each sample's term still reads only its own rows
+    if x not in ctx.layouts and isinstance(ly, Layout) and ly.dim == 0:
+        lx = Layout(1, ly.outer, ly.inner)
+    if y not in ctx.layouts and isinstance(lx, Layout) and lx.dim == 1:
+        ly = Layout(0, lx.outer, lx.inner)
     if not (isinstance(lx, Layout) and isinstance(ly, Layout)):
         return None
     if lx.dim != 1 or ly.dim != 0:

@@ -121,11 +121,50 @@ def _dot(p1, p2):
     return (p1.reshape(p1.shape[0], -1) * p2.reshape(p2.shape[0], -1)).sum(1)
 
 
+def _stacked_gram(a, b):
+    a, b = _f32(a), _f32(b)
+    return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(b, b.transpose(1, 2))).sum((1, 2))
+
+
+def _stacked_instantiated(a, b):
+    return torch.bmm(_f32(a).transpose(1, 2), _f32(b)).square().sum((1, 2))
+
+
+def _stacked_norm_sq(routes, factors, ctx):
+    """Every use dense with one (rows, cols) shape (a recurrent cell's weight at each step, a
+    layer shared across depth): G_i = sum_k a_ik^T b_ik = A_i^T B_i with the uses' rows stacked,
+    so ONE linear op over sum_k T_k rows gives the norm, by its Gram matrices or by
+    instantiating A_i^T B_i, whichever the shapes make cheaper; no k^2 cross terms. Returns
+    None where the uses don't qualify."""
+    if any(f is None or f.kind != "dense" or (f.rows, f.cols) != (factors[0].rows, factors[0].cols)
+           for f in factors) or any(cat_slots(r.contribution) for r in routes):
+        return None
+    rows = sum(_rows_of(f.a) for f in factors)
+    m, k = factors[0].rows, factors[0].cols
+    ghost = rows * rows * (m + k) <= rows * m * k
+    a = ctx.builder.call(lambda *t: torch.cat(t, 1), *[f.a for f in factors])
+    b = ctx.builder.call(lambda *t: torch.cat(t, 1), *[f.b for f in factors])
+    for r in routes:
+        r.cross_instantiated = not ghost
+    routes[0].shapes["uses"] = (f"{len(routes)} stacked: one {'Gram' if ghost else 'per-sample bmm'} "
+                                f"over {rows} rows")
+    return ctx.builder.call(_stacked_gram if ghost else _stacked_instantiated, a, b)
+
+
+def _rows_of(node) -> int:
+    from ..layout import size_hint
+
+    return size_hint(node.meta["val"].shape[1])
+
+
 def shared_norm_sq(routes, ctx):
     """(B,) squared norms of the total per-sample gradient of a parameter with several uses."""
     b = ctx.builder
-    terms = [r.norm_sq(ctx) for r in routes]
     factors = [r.ghost_factors(ctx) for r in routes]
+    stacked = _stacked_norm_sq(routes, factors, ctx)
+    if stacked is not None:
+        return stacked
+    terms = [r.norm_sq(ctx) for r in routes]
     slots = [cat_slots(r.contribution) for r in routes]
     for k in range(len(routes)):
         for l in range(k + 1, len(routes)):
