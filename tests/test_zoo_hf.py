@@ -19,15 +19,15 @@ slow = pytest.mark.slow
 # WavLM, the convolutional vision models).
 CASES = [
     ("gpt2", "sdpa"), ("llama", "eager"), ("qwen2", "sdpa"), ("bert", "eager"), ("distilbert", "sdpa"),
-    ("t5", "eager"), ("vit", "sdpa"), ("convnext", "eager"), ("wav2vec2_unmasked", "sdpa"), ("whisper_encoder", "eager"),
+    ("t5", "eager"), ("vit", "sdpa"), ("convnext", "eager"), ("wav2vec2", "sdpa"), ("whisper_encoder", "eager"),
     *[pytest.param(*c, marks=slow) for c in [
-        ("gpt_neo", "eager"), ("bloom", "eager"), ("gptj", "sdpa"), ("opt", "sdpa"),
+        ("gpt_neo", "eager"), ("bloom", "eager"), ("falcon", "sdpa"), ("gptj", "sdpa"), ("opt", "sdpa"),
         ("mistral", "sdpa"), ("gemma", "eager"), ("phi", "sdpa"),
         ("mixtral", "sdpa"), ("gpt_neox", "eager"), ("roberta", "sdpa"), ("albert", "eager"),
         ("deberta_v2", "eager"), ("bart", "sdpa"), ("beit", "sdpa"),
         ("dinov2", "eager"), ("swin", "sdpa"), ("convnextv2", "eager"), ("clip_vision", "sdpa"),
-        ("siglip_vision", "eager"), ("wav2vec2_group", "eager"), ("hubert_unmasked", "eager"),
-        ("wavlm_unmasked", "eager"),
+        ("siglip_vision", "eager"), ("wav2vec2_group", "eager"), ("hubert", "eager"),
+        ("wavlm", "eager"),
     ]],
 ]
 
@@ -42,10 +42,10 @@ FALLBACK = {
     # wav2vec2's positional conv is weight-normed: its weight is g * v / ||v||, a function of two
     # parameters the contribution walk does not pass through (the conv rule fires on the weight).
     **{n: {f"m.encoder.pos_conv_embed.conv.parametrizations.weight.original{i}" for i in (0, 1)}
-       for n in ("wav2vec2_unmasked", "wav2vec2_group", "hubert_unmasked")},
+       for n in ("wav2vec2", "wav2vec2_group", "hubert")},
     # WavLM packs its q/k/v biases with a cat for F.multi_head_attention_forward: their gradients
     # are slices of one gradient.
-    "wavlm_unmasked": {"m.encoder.pos_conv_embed.conv.parametrizations.weight.original0",
+    "wavlm": {"m.encoder.pos_conv_embed.conv.parametrizations.weight.original0",
                        "m.encoder.pos_conv_embed.conv.parametrizations.weight.original1",
                        *(f"m.encoder.layers.0.attention.{k}_proj.bias" for k in "qkv")},
     # BEiT resizes its relative-position table with a bilinear interpolate before the gather.

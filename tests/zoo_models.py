@@ -40,7 +40,7 @@ class Pixels(Out):
 
 
 class Audio(Out):
-    def forward(self, x, mask=None):
+    def forward(self, x, mask):
         return getattr(self.m(input_values=x, attention_mask=mask), self.key)
 
 
@@ -142,12 +142,12 @@ def seq2seq(cls, cfg, key="last_hidden_state", **kw):
     return make
 
 
-def audio(cls, cfg, key="last_hidden_state", n=400, masked=True, **kw):
+def audio(cls, cfg, key="last_hidden_state", n=400, **kw):
     def make(impl):
         def inputs():
             mask = torch.ones(B, n, dtype=torch.long)
             mask[1, -150:] = 0
-            return (torch.randn(B, n, dtype=D), mask) if masked else (torch.randn(B, n, dtype=D),)
+            return torch.randn(B, n, dtype=D), mask
         model = build(cls, cfg, impl, **kw)
         # The feature encoder sets its output's requires_grad in the forward (for gradient
         # checkpointing), which no graph can trace; its parameters stay trainable without it.
@@ -190,11 +190,7 @@ MODELS.update({
     "siglip_vision": vision("SiglipVisionModel", "SiglipVisionConfig", hidden_size=16, num_hidden_layers=1,
                             num_attention_heads=2, intermediate_size=32, image_size=16, patch_size=4, attention_dropout=0.0),
     "wav2vec2": audio("Wav2Vec2Model", "Wav2Vec2Config", feat_extract_norm="layer", **W2V),
-    "wav2vec2_unmasked": audio("Wav2Vec2Model", "Wav2Vec2Config", feat_extract_norm="layer", masked=False, **W2V),
-    "hubert_unmasked": audio("HubertModel", "HubertConfig", feat_extract_norm="layer", masked=False, **W2V),
-    "wavlm_unmasked": audio("WavLMModel", "WavLMConfig", feat_extract_norm="layer", num_buckets=8,
-                            max_bucket_distance=16, masked=False, **W2V),
-    "wav2vec2_group": audio("Wav2Vec2Model", "Wav2Vec2Config", feat_extract_norm="group", masked=False, **W2V),
+    "wav2vec2_group": audio("Wav2Vec2Model", "Wav2Vec2Config", feat_extract_norm="group", **W2V),
     "hubert": audio("HubertModel", "HubertConfig", feat_extract_norm="layer", **W2V),
     "wavlm": audio("WavLMModel", "WavLMConfig", feat_extract_norm="layer", num_buckets=8, max_bucket_distance=16, **W2V),
 })
