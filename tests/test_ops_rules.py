@@ -116,6 +116,35 @@ def test_einsum_with_a_parameter_takes_the_linear_rule():
     assert routes["w"].rule == "linear"
 
 
+class FrozenStatsBatchNorm(nn.Module):
+    """BatchNorm in eval mode (running statistics): its weight gradient is
+    sum(g * (x - running_mean)) * rsqrt(running_var + eps), a sum scaled by a per-channel factor
+    that is the same for every sample."""
+
+    def __init__(s):
+        super().__init__()
+        s.c = nn.Conv2d(3, 4, 3)
+        s.bn2 = nn.BatchNorm2d(4)
+        s.fc = nn.Linear(4, 5)
+        s.bn1 = nn.BatchNorm1d(5)
+        for bn in (s.bn2, s.bn1):
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.data.normal_()
+            bn.eval()
+
+    def forward(s, x):
+        return s.bn1(s.fc(s.bn2(s.c(x)).mean((2, 3))))
+
+
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_eval_batchnorm_weight_is_unreduced(compiled):
+    before = fired("unreduce")
+    routes = run_check(FrozenStatsBatchNorm(), (torch.randn(4, 3, 6, 6, dtype=D),), compiled=compiled)
+    assert all(routes[f"{bn}.{p}"].rule == "unreduce" for bn in ("bn1", "bn2") for p in ("weight", "bias"))
+    assert fired("unreduce") >= before + 4
+
+
 # --- convolutions ------------------------------------------------------------------------------
 
 class ConvNet(nn.Module):
