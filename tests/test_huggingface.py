@@ -1,6 +1,8 @@
 """fxclip.huggingface: DPTrainer's step against a per-sample reference built from the models' own
 losses (float64), LoRA, accounting, resuming, torch.compile, refusals."""
 import copy
+import subprocess
+import sys
 
 import dp_accounting
 import pytest
@@ -282,3 +284,8 @@ def test_a_loss_that_bypasses_the_privatized_model_is_refused(tmp_path):
     with pytest.raises(fxclip.PrivacyError, match="did not go through the privatized model"):
         trainer.train()
     assert trainer.state.global_step == 1 and trainer._dp_optimizer.steps == 1
+
+
+def test_the_core_package_does_not_import_transformers():
+    code = "import sys, fxclip; assert 'transformers' not in sys.modules and 'peft' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
