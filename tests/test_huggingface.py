@@ -5,16 +5,15 @@ import subprocess
 import sys
 
 import dp_accounting
+import peft
 import pytest
 import torch
+import transformers
 from torch import nn
 
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
-
-import fxclip  # noqa: E402
-from fxclip.huggingface import DPTrainer, DPTrainingArguments  # noqa: E402
-from fxclip.huggingface import losses as L  # noqa: E402
+import fxclip
+from fxclip.huggingface import DPTrainer, DPTrainingArguments
+from fxclip.huggingface import losses as L
 
 V, T = 32, 6
 
