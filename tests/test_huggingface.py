@@ -120,8 +120,7 @@ def test_causal_lm_step_equals_the_per_sample_update(tmp_path, accumulation):
     # sample rate 1 (expected batch = dataset): every sample in the step, split into micro-batches
     trainer = _check_one_step_matches_reference(tmp_path, _gpt2(), _lm_data(),
                                                 gradient_accumulation_steps=accumulation)
-    assert trainer._dp_optimizer.micro_batches == 0  # reset by the step; counted before it
-    assert trainer._sampler.micro_batches == accumulation
+    assert trainer._dp_optimizer.last_micro_batches == accumulation  # backwards in the one step
 
 
 def test_sequence_classification_step_equals_the_per_sample_update(tmp_path):
@@ -266,6 +265,20 @@ def test_refusals(tmp_path):
         _args(tmp_path, max_grad_norm=0.0)
     with pytest.raises(ValueError, match="does not know which loss"):
         DPTrainer(model=nn.Linear(3, 3), args=_args(tmp_path), **ok).train()
+
+
+def test_a_loss_fn_that_mixes_samples_is_refused(tmp_path):
+    def centered(output, labels):  # each loss minus the batch mean: one sample moves another's
+        losses = L.token_losses(output, labels, shift=True)
+        return losses - losses.mean()
+
+    model = _gpt2()
+    before = copy.deepcopy(model.state_dict())
+    trainer = DPTrainer(model=model, args=_args(tmp_path), train_dataset=_lm_data(), data_collator=_collate,
+                        loss_fn=centered)
+    with pytest.raises(fxclip.PrivacyError):
+        trainer.train()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 class _BypassingTrainer(DPTrainer):

@@ -8,8 +8,9 @@ What changes against transformers.Trainer, hook by hook:
 - create_optimizer: privatizes the model and wraps the optimizer in DPOptimizer (noise once per
   step, division by the expected batch size, one accounted step per step).
 - compute_loss (training): labels are popped; the model runs privatized without them and each
-  sample's loss is computed from the logits (fxclip.huggingface.losses); evaluation keeps the
-  model's own loss.
+  sample's loss is computed from the logits by loss_fn inside the privatized graph
+  (fxclip.huggingface.losses), then reduced with exactly .mean(); evaluation keeps the model's
+  own loss.
 - training_step: backward of the micro-batch's mean loss, not divided by the accumulation steps
   (DPOptimizer rescales each backward exactly); empty micro-batches skip the forward.
 - HF's global gradient-norm clipping and grad_norm logging are off: args.max_grad_norm is the
@@ -195,7 +196,10 @@ class DPTrainer(Trainer):
         self._loss_fn = self._custom_loss_fn or L.loss_for(
             self._task, getattr(L.base_model(self.model), "config", None),
             per_sample_loss=self.args.per_sample_loss, label_smoothing=self.args.label_smoothing_factor)
-        pm = privatize(self.model, max_grad_norm=self.args.max_grad_norm, loss_reduction="mean")
+        # the per-sample loss is traced with the model: a loss that mixes samples is refused, and
+        # the backward checks that exactly losses.mean() followed
+        pm = privatize(self.model, max_grad_norm=self.args.max_grad_norm, loss_reduction="mean",
+                       loss_fn=self._loss_fn)
         self._pm = pm
         if self.args.torch_compile:
             self._pm = torch.compile(pm, backend=self.args.torch_compile_backend or "inductor",
@@ -212,9 +216,9 @@ class DPTrainer(Trainer):
                              "computed from them outside the model")
         if self._task == "seq2seq_lm" and "decoder_input_ids" not in inputs and "decoder_inputs_embeds" not in inputs:
             inputs["decoder_input_ids"] = L.decoder_inputs_from_labels(self.model, labels)
-        outputs = self._pm(**inputs)
-        loss = self._loss_fn(outputs, labels).mean()
-        return (loss, outputs) if return_outputs else loss
+        losses = self._pm(**inputs, target=labels)  # (B,): the model's output never leaves the graph
+        loss = losses.mean()
+        return (loss, {"losses": losses}) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         model.train()
@@ -222,13 +226,14 @@ class DPTrainer(Trainer):
         rows = _rows(inputs)
         if rows == 0:  # an empty micro-batch adds nothing; step() still adds the noise
             return torch.zeros((), device=self.args.device)
-        before = self._dp_optimizer.module.per_sample_norms
+        pm = self._dp_optimizer.module
+        before = pm.read_state()["backwards"]
         with self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
         # plain backward: not divided by the accumulation steps (DPOptimizer sums micro-batches exactly)
         loss.backward()
-        norms = self._dp_optimizer.module.per_sample_norms
-        if norms is None or norms is before or norms.shape[0] != rows:
+        state = pm.read_state()  # one host sync, as the Trainer's own nan check of the loss does
+        if state["backwards"] != before + 1 or state["batch_size"] != rows:
             raise PrivacyError("the training loss did not go through the privatized model, so its gradients "
                                "are not clipped per sample. If you override compute_loss, call "
                                "super().compute_loss (it runs the privatized model).")
