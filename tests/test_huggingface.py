@@ -276,7 +276,7 @@ def test_a_loss_fn_that_mixes_samples_is_refused(tmp_path):
     before = copy.deepcopy(model.state_dict())
     trainer = DPTrainer(model=model, args=_args(tmp_path), train_dataset=_lm_data(), data_collator=_collate,
                         loss_fn=centered)
-    with pytest.raises(fxclip.PrivacyError):
+    with pytest.raises(fxclip.PrivacyError, match="mixes samples"):
         trainer.train()
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
