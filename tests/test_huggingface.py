@@ -225,12 +225,27 @@ def test_epsilon_and_resume_match_an_uninterrupted_run(tmp_path):
             assert torch.equal(p, q), (step, n)
 
 
+class _LogRecorder(transformers.TrainerCallback):
+    def __init__(self):
+        self.logs = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs))
+
+
 def test_target_epsilon_is_met_and_an_unreachable_one_warned(tmp_path):
+    # with the Trainer's usual companions: a user optimizer, a callback, evaluation
     args = _args(tmp_path, per_device_train_batch_size=2, max_steps=3, noise_multiplier=None,
-                 target_epsilon=2.0, max_grad_norm=1.0)
-    trainer = DPTrainer(model=_gpt2(), args=args, train_dataset=_lm_data(8), data_collator=_collate)
+                 target_epsilon=2.0, max_grad_norm=1.0, eval_strategy="steps", eval_steps=3)
+    model, recorder = _gpt2(), _LogRecorder()
+    trainer = DPTrainer(model=model, args=args, train_dataset=_lm_data(8), eval_dataset=_lm_data(4),
+                        data_collator=_collate, callbacks=[recorder],
+                        optimizers=(torch.optim.AdamW(model.parameters(), lr=1e-3), None))
     trainer.train()
     assert 0.99 * 2.0 <= trainer.epsilon <= 2.0
+    assert isinstance(trainer.optimizer.optimizer, fxclip.DPOptimizer)  # inside accelerate's wrapper
+    assert [log["epsilon"] for log in recorder.logs if "loss" in log][-1] == trainer.epsilon
+    assert any("eval_loss" in log for log in recorder.logs)  # the model's own loss, without privacy
     args = _args(tmp_path, per_device_train_batch_size=2, max_steps=1, noise_multiplier=0.3,
                  target_epsilon=0.5, max_grad_norm=1.0)
     trainer = DPTrainer(model=_gpt2(), args=args, train_dataset=_lm_data(8), data_collator=_collate)
