@@ -59,8 +59,9 @@ def compile_eager(owner, method: str):
     def joint_pass(graph):
         report = rewrite_joint_graph(graph)
         if report is not None:
-            if owner._eager_report is None:  # once per privatized module
+            if not owner._loss_warned:  # once per privatized module
                 _warn_if_unchecked(report)
+                owner._loss_warned = True
             owner._eager_report = report
 
     return _torch.compile_with_backend(own_code(owner, method), _torch.aot_eager_backend(joint_pass))

@@ -57,6 +57,7 @@ class PrivatizedModule(nn.Module):
         self.max_grad_norm = max_grad_norm
         self._eager = None
         self._eager_report = None
+        self._loss_warned = False  # the unchecked-loss warning was given (eager path)
         self.forward = _compile.own_code(self, "forward")
 
     # --- the clipping threshold: a runtime value ---
@@ -200,10 +201,8 @@ class PrivatizedModule(nn.Module):
                 "\n".join(frozen), self._group_spec(names), self.loss_reduction == "mean", checked)
         args, kwargs, target = tree_map(_mark_input, (args, kwargs, target))
         out = self.module(*args, **kwargs)
-        if checked:
+        if checked:  # the pass checks that these are per-sample losses (B,)
             out = self.loss_fn(out, target)
-            if not (isinstance(out, torch.Tensor) and out.dim() == 1):
-                raise PrivacyError(LOSS_SHAPE.format(what=_describe(out)))
         return tree_map(lambda y: ops.batch_output(y, params, *spec) if _is_float(y) else y, out)
 
     def _loss_scale(self) -> torch.Tensor:
@@ -228,12 +227,6 @@ def _check_threshold(value) -> None:
     if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
             and math.isfinite(value)):
         raise ValueError(f"max_grad_norm must be a positive number, got {value!r}")
-
-
-def _describe(x) -> str:
-    if isinstance(x, torch.Tensor):
-        return f"a tensor of shape {tuple(x.shape)}"
-    return f"a {type(x).__name__}"
 
 
 def _clipping_groups(model: nn.Module, clipping) -> dict:
@@ -310,13 +303,6 @@ BAD_REDUCTION = (
     "losses with exactly losses.{reduction}() (scale the learning rate, not the loss; for fp16 "
     "connect the GradScaler with privatize(..., grad_scaler=scaler))."
 )
-LOSS_SHAPE = (
-    "loss_fn(output, target) returned {what}; it must return the per-sample losses, a tensor of "
-    "shape (B,) (e.g. F.cross_entropy(out, y, reduction=\"none\"); for token losses, reduce each "
-    "sample's tokens inside loss_fn)."
-)
-
-
 class _NoDoubleBackward(torch.autograd.Function):
     """Identity on a model output whose backward refuses create_graph=True (eager path)."""
 

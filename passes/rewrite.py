@@ -98,7 +98,17 @@ def _read_spec(outputs) -> dict:
 
 
 def _remove(marker):
-    marker.replace_all_uses_with(marker.args[0])
+    """Replace a marker by its input. A marker's value is `empty_like(x)` (see ops): for an
+    input whose memory is not dense (x[::2], an expanded batch) that is a contiguous copy, and
+    the graph was traced on it (views that need contiguity), so a copy takes the marker's place."""
+    source, val = marker.args[0], marker.meta.get("val")
+    if isinstance(val, torch.Tensor) and val.stride() != source.meta["val"].stride():
+        with marker.graph.inserting_before(marker):
+            copy = marker.graph.call_function(aten.clone.default, (source,),
+                                              {"memory_format": torch.contiguous_format})
+        copy.meta.update(marker.meta)
+        source = copy
+    marker.replace_all_uses_with(source)
     marker.graph.erase_node(marker)
 
 
@@ -255,6 +265,8 @@ def rewrite_joint_graph(graph: fx.Graph) -> RewriteReport | None:
     bmm_of_one_as_mm(graph)
     bref = batch_nodes[0]
     B = bref.meta["val"].shape[0]
+    if spec["checked_loss"]:
+        _check_loss_shape(model_outputs)
     _check_batch_sizes(batch_nodes, model_outputs, B)
     seeds_layout = {n: Layout(0) for n in batch_nodes + seeds}
     layouts = analyze(graph, seeds_layout, B)
@@ -327,6 +339,20 @@ def rewrite_joint_graph(graph: fx.Graph) -> RewriteReport | None:
     check_coverage(graph, params, set(batch_nodes))
     graph.lint()
     return _report(graph, spec, params, routes, B)
+
+
+LOSS_SHAPE = (
+    "loss_fn(output, target) returned a tensor of shape {shape}; it must return the per-sample "
+    "losses, one number per sample: shape (B,) (e.g. F.cross_entropy(out, y, reduction=\"none\"); "
+    "for token losses, reduce each sample's tokens inside loss_fn)."
+)
+
+
+def _check_loss_shape(model_outputs) -> None:
+    for node in model_outputs:
+        shape = tuple(node.meta["val"].shape)
+        if len(shape) != 1:
+            raise PrivacyError(LOSS_SHAPE.format(shape=tuple(size_hint(s) for s in shape)))
 
 
 def _check_batch_sizes(batch_nodes, model_outputs, B) -> None:
