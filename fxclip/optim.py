@@ -193,6 +193,17 @@ class DPOptimizer(torch.optim.Optimizer):
         if stray:
             raise ValueError(f"{len(stray)} trainable optimizer parameter(s) are not in the privatized "
                              "module: their gradients would be unclipped")
+        held = {id(p) for p in self._params}
+        missing = [n for part in parts for n, p in part.named_parameters()
+                   if p.requires_grad and id(p) not in held]
+        if missing:
+            # such a parameter gets clipped gradients that no step applies, while epsilon is spent:
+            # the silent failure of LoRA weights left out of the optimizer
+            raise PrivacyError(
+                f"{len(missing)} trainable parameter(s) of the privatized module are not in the "
+                f"optimizer (first: {missing[0]!r}): they would never be updated while the privacy "
+                "budget is spent. Build the optimizer over all trainable parameters "
+                "(model.parameters()), or freeze the others with requires_grad_(False) before privatize.")
 
         self.original_optimizer = optimizer
         self.module = pm

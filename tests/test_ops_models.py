@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import fxclip
 from test_ops_rules import D, ConvNet, TextNet, Twice, _tokens, run_check
 
 
@@ -271,3 +272,20 @@ def compiled_results():
 def test_model_exact_compiled(compiled_results, name):
     routes = compiled_results[name]
     assert not [n for n, r in routes.items() if "fallback" in r.rule and (name, n) not in ALLOWED_FALLBACK]
+
+
+def test_gpt2_with_attention_dropout_at_a_second_batch_size():
+    # the second batch size recompiles with a symbolic B; with dropout on the attention weights
+    # the bmm's operand layouts hold SymInt sizes, which must not be hashed (TypeError before)
+    from transformers import GPT2Config, GPT2Model
+
+    cfg = GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2, attn_pdrop=0.1,
+                     resid_pdrop=0.0, embd_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    model = HF(GPT2Model(cfg)).to(D).train()
+    pm = fxclip.privatize(model, max_grad_norm=0.5)
+    for b in (3, 5):
+        pm(torch.randint(0, 50, (b, 6))).sum().backward()
+        assert pm.per_sample_norms.shape == (b,)
+    routes = pm.last_report.params
+    assert pm.last_report.batch_size != "5"  # the dynamic graph, not a second static one
+    assert not [r.name for r in routes if "fallback" in r.rule]

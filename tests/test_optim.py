@@ -188,6 +188,9 @@ def test_bad_input_is_refused():
     stray = torch.optim.SGD(list(model.parameters()) + [nn.Parameter(torch.zeros(3))], lr=0.1)
     with pytest.raises(ValueError, match="unclipped"):
         DPOptimizer(stray, pm, **ok)
+    partial = torch.optim.SGD(list(model.parameters())[:1], lr=0.1)  # a trainable one left out
+    with pytest.raises(fxclip.PrivacyError, match="not in the optimizer"):
+        DPOptimizer(partial, pm, **ok)
     with pytest.raises(ValueError, match="sample_rate"):
         DPOptimizer(sgd, pm, **ok).epsilon(1e-5)
 

@@ -40,12 +40,10 @@ def _bmm(node, layouts, B):
 def _bmm_layout(la, lb):
     if (la is not None and la.dim == 2) or (lb is not None and lb.dim == 1):
         return MIXED  # contracts the batch
-    outs = set()
-    if la is not None:
-        outs.add(la)  # dim 0 or 1 of a stays dim 0 or 1 of the output
-    if lb is not None:
-        outs.add(Layout(lb.dim, lb.outer, lb.inner))  # dim 0 or 2 of b stays put
-    return outs.pop() if len(outs) == 1 else None
+    # dim 0 or 1 of a stays dim 0 or 1 of the output; dim 0 or 2 of b stays put. Compared, not
+    # hashed: under dynamic shapes a layout's sizes can be SymInts, which do not hash
+    outs = [lay for lay in (la, None if lb is None else Layout(lb.dim, lb.outer, lb.inner)) if lay is not None]
+    return outs[0] if outs and all(o == outs[0] for o in outs) else None
 
 
 @layout_rule(aten._trilinear.default)
