@@ -31,7 +31,7 @@ from scipy.stats import binom
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-__all__ = ["p_value", "epsilon_lower_bound", "count_correct", "audit_scores", "AuditResult",
+__all__ = ["p_value", "epsilon_lower_bound", "count_correct", "audit_scores", "AuditResult", "draw_inclusion",
            "GradientCanaries", "InputCanaries", "audit_training", "plot_scores"]
 
 
