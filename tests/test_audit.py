@@ -153,6 +153,7 @@ def test_broken_clipping_is_caught():
     assert result.correct >= 0.95 * result.guesses
 
 
+@pytest.mark.slow
 def test_fixed_seed_makes_the_audit_reproducible(tmp_path):
     a, b = _audit(3, epochs=2), _audit(3, epochs=2)
     np.testing.assert_array_equal(a.scores, b.scores)
