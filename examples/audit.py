@@ -59,6 +59,10 @@ def main():
     print(f"{'black-box' if args.black_box else 'white-box'} audit of {result.canaries} canaries: "
           f"{result.correct}/{result.guesses} guesses correct, {result.seconds:.0f} s"
           + (" (clipping broken on purpose)" if args.break_clipping else ""))
+    if result.claimed_epsilon >= result.ceiling:
+        print(f"note: with {result.canaries} canaries no outcome can certify an epsilon above "
+              f"{result.ceiling:.2f}, so this audit cannot refute the claim; use more canaries or a "
+              "smaller epsilon (docs/audit.md)")
     if args.plot:
         plot_scores(result, args.plot)
         print(f"score histograms saved to {args.plot}")

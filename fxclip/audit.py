@@ -109,6 +109,7 @@ class AuditResult:
     correct: int
     scores: np.ndarray = field(repr=False)
     included: np.ndarray = field(repr=False)
+    ceiling: float = math.inf  # the largest lower bound any outcome could give (all guesses correct)
     claimed_epsilon: float | None = None
     seconds: float | None = None
 
@@ -137,17 +138,18 @@ def audit_scores(scores, included, *, delta: float, confidence: float = 0.95,
     if not np.all(np.isfinite(scores)):
         raise ValueError("canary scores must be finite")
     per_test = 1.0 - (1.0 - confidence) / len(guess_fractions)
-    best = (0.0, 0, 0)
+    best, ceiling = (0.0, 0, 0), 0.0
     for f in guess_fractions:
         if not 0 < f <= 1:
             raise ValueError(f"guess fractions must be in (0, 1], got {f!r}")
         k_pos = max(1, round(f * m / 2))
         k_neg = min(m - k_pos, k_pos)
-        v = count_correct(scores, included, k_pos, k_neg)
-        eps = epsilon_lower_bound(m, k_pos + k_neg, v, delta=delta, confidence=per_test)
+        r, v = k_pos + k_neg, count_correct(scores, included, k_pos, k_neg)
+        eps = epsilon_lower_bound(m, r, v, delta=delta, confidence=per_test)
         if eps >= best[0]:
-            best = (eps, k_pos + k_neg, v)
-    return AuditResult(best[0], delta, confidence, m, best[1], best[2], scores, included)
+            best = (eps, r, v)
+        ceiling = max(ceiling, epsilon_lower_bound(m, r, r, delta=delta, confidence=per_test))
+    return AuditResult(best[0], delta, confidence, m, best[1], best[2], scores, included, ceiling)
 
 
 # --- canaries ---

@@ -84,6 +84,7 @@ def test_guesses_take_the_extremes_and_bonferroni_over_fractions():
     assert (perfect.guesses, perfect.correct) == (m, m)
     assert perfect.epsilon_lower_bound == pytest.approx(
         epsilon_lower_bound(m, m, m, delta=DELTA, confidence=1 - 0.05 / 2))
+    assert perfect.ceiling == perfect.epsilon_lower_bound  # no outcome could give more
 
 
 # --- canaries ---
@@ -149,7 +150,7 @@ def test_broken_clipping_is_caught():
     # clipping at 10 C while noise and accountant use C: the claim of epsilon = 2 is false
     result = _audit(0, _unsound_clip_factor=10.0)
     assert result.claimed_epsilon == pytest.approx(2.0, abs=0.01)
-    assert result.epsilon_lower_bound > result.claimed_epsilon
+    assert result.claimed_epsilon < result.epsilon_lower_bound <= result.ceiling
     assert result.correct >= 0.95 * result.guesses
 
 
