@@ -1,5 +1,5 @@
 """fxclip: DP-SGD per-sample clipping as a torch.compile graph pass."""
-from . import accounting
+from . import accounting, audit
 from .accounting import Accountant, noise_multiplier_for
 from .adaptive import AdaptiveClipping
 from .inspect_report import Explanation, explain
