@@ -199,7 +199,9 @@ def main(argv=None):
             try:
                 import torch  # noqa: F401  (versions only)
                 import opacus
-                res["versions"] = {"torch": torch.__version__, "opacus": opacus.__version__}
+                from importlib.metadata import version
+                res["versions"] = {"torch": torch.__version__, "opacus": opacus.__version__,
+                                   "opake": version("opake")}
             except Exception:
                 pass
             from .models import n_params

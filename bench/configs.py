@@ -22,6 +22,7 @@ import torch.nn as nn
 from .models import PerSampleCE
 
 EPS = 1e-6
+OPAKE_MICROBATCH_GB = 1.0  # Opake instantiates per-sample gradients one microbatch at a time
 
 
 @dataclass
@@ -52,6 +53,13 @@ CONFIGS: dict[str, ConfigInfo] = {c.name: c for c in [
                "formula (per-param norms, einsum)"),
     ConfigInfo("functorch", "torch.func", True, False, True,
                "torch.func vmap(grad(functional_call)) per-sample grads + clip + einsum sum"),
+    ConfigInfo("opake", "Opake", True, False, False,
+               "Opake 0.16 clipped_grad(loss, clipping_norm=C, microbatch_size=mb): vmap(grad) + clip "
+               "+ sum per microbatch of mb samples (mb: per-sample gradients of at most "
+               f"{OPAKE_MICROBATCH_GB:g} GB at a time)"),
+    ConfigInfo("opake_compiled", "Opake compiled", True, True, False,
+               "Opake with each microbatch's vmap(grad) + clip + sum compiled by "
+               "torch.compile(fullgraph=True, dynamic=False) (its _chunk_compiler hook)"),
 ]}
 
 ALL_CONFIGS = list(CONFIGS)
@@ -207,6 +215,44 @@ def _functorch(model, C):
     return r
 
 
+def opake_microbatch(model: nn.Module, batch: int) -> int:
+    """The largest microbatch whose per-sample gradients fit in OPAKE_MICROBATCH_GB."""
+    per_sample = 4 * sum(p.numel() for p in _unique_params(model))
+    return max(1, min(batch, int(OPAKE_MICROBATCH_GB * 1024**3 // per_sample)))
+
+
+def _opake(model, C, compiled):
+    from opake.dpsgd.clipping import clipped_grad
+    from torch.func import functional_call
+
+    names = [n for n, p in model.named_parameters() if p.requires_grad]  # tied: one name
+    params = [p for n, p in model.named_parameters() if p.requires_grad]
+    buffers = dict(model.named_buffers())
+    crit = PerSampleCE("sum")
+
+    def loss_i(pdict, x_i, y_i):  # Opake vmaps over the batch: one sample, no batch dim
+        return crit(functional_call(model, (pdict, buffers), (x_i.unsqueeze(0),)), y_i.unsqueeze(0))
+
+    compiler = (lambda kernel: torch.compile(kernel, fullgraph=True, dynamic=False)) if compiled else None
+    fns = {}
+
+    def step(x, y):
+        _zero(params)
+        mb = opake_microbatch(model, len(x))
+        if mb not in fns:
+            fns[mb] = clipped_grad(loss_i, clipping_norm=C, batch_argnums=(1, 2), microbatch_size=mb,
+                                   _chunk_compiler=compiler)
+        fn, state = fns[mb]
+        pdict = {n: p.detach() for n, p in zip(names, params)}
+        out, _ = fn(pdict, x, y, state=state)
+        for n, p in zip(names, params):
+            p.grad = out.pytree[n]
+
+    r = Runner(model, step)
+    r.params = params
+    return r
+
+
 _BUILDERS = {
     "plain_eager": lambda m, C: _plain(m, C, False),
     "plain_compiled": lambda m, C: _plain(m, C, True),
@@ -215,6 +261,8 @@ _BUILDERS = {
     "opacus_ghost": _opacus_ghost,
     "opacus_hooks": _opacus_hooks,
     "functorch": _functorch,
+    "opake": lambda m, C: _opake(m, C, False),
+    "opake_compiled": lambda m, C: _opake(m, C, True),
 }
 
 

@@ -182,6 +182,12 @@ class HFGPT2Logits(nn.Module):
         return self.gpt2(input_ids=idx, use_cache=False, return_dict=True).logits
 
 
+def DigitsMLP():
+    """The model of examples/demo.py (scikit-learn digits, 8x8 pixels): a sub-millisecond step,
+    so fixed per-step costs dominate."""
+    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+
+
 # --------------------------------------------------------------------------------------------
 # registry
 # --------------------------------------------------------------------------------------------
@@ -239,6 +245,11 @@ MODELS: dict[str, ModelSpec] = {
     "cnn": ModelSpec(
         "cnn", "GroupNorm CNN, 4 conv (32-32-64-128 ch) + GroupNorm + ReLU + pools + Linear, 3x32x32",
         GroupNormCNN, _img_batch(10), [16, 32], [16],
+    ),
+    "digits": ModelSpec(
+        "digits", "the demo's digits MLP: Linear 64->128, ReLU, Linear 128->10 (9,610 params), CE; "
+        "random 8x8 inputs",
+        DigitsMLP, _cls_batch(64, 10), [64], [64],
     ),
     "tied_lm": ModelSpec(
         "tied_lm", "tied-embedding LM: Embedding(16000, 256) = LM head weight, LayerNorm + GELU MLP "

@@ -8,14 +8,9 @@ and G_ig (T, Cout/g) the output gradient, so
 - instantiate:  one convolution_backward over the whole batch under vmap (a grouped
                 convolution with groups = B * groups): the (B, *weight.shape) per-sample grads.
 
-Cost model (static shapes, per op; `hint`s for symbolic sizes), with d = Cin/g * K, p = Cout/g:
-    ghost  flops = 2 B g T^2 (d + p)         bytes = B (T g d  [unfolded A]  + 2 g T^2 [Grams])
-    inst   flops = 2 B g T d p               bytes = B g p d  [per-sample gradients]
-    cost = bytes + flops / FLOPS_PER_BYTE; the cheaper strategy wins.
-FLOPS_PER_BYTE = 16 weighs memory traffic against arithmetic (roughly the balance point of a
-CPU core or a GPU's memory system on these small, bandwidth-bound ops). Where FLOPs are equal
-this is fastDP's rule 2 T^2 <= p d extended with the unfold copy; where ghost memory is smaller
-but its FLOPs much larger (depthwise convolutions over large images), instantiation wins.
+Strategy: rules/cost.py prices both per weight (per group: m = p = Cout/g output channels,
+k = d = Cin/g * K, T output positions), as extra work over the plain backward: the instantiated
+per-sample gradients replace the weight gradient, the Grams come on top of it.
 Reweighting in ghost mode is one convolution_backward on R-scaled output gradients (the cost of
 the original weight gradient); instantiated, a weighted sum of the per-sample gradients.
 Bias: per-sample gradient = output gradient summed over positions, always instantiated (small).
@@ -29,11 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from ..layout import Layout, size_hint
-from . import InstantiatedRoute, normalized, replay, rule, scale_by_sample, weighted_sum, zero_dropped
+from . import InstantiatedRoute, cost, normalized, replay, rule, scale_by_sample, weighted_sum, zero_dropped
 
 aten = torch.ops.aten
 
-FLOPS_PER_BYTE = 16
 
 
 def _conv_args(cb):
@@ -162,16 +156,8 @@ class ConvBiasRoute(InstantiatedRoute):
 
 
 def choose(batch, T, groups, d, p):
-    """(strategy, flops, bytes) of the cheaper way to get a conv weight's per-sample norms."""
-    ghost_flops = 2 * batch * groups * T * T * (d + p)
-    ghost_bytes = 4 * batch * (T * groups * d + 2 * groups * T * T)
-    inst_flops = 2 * batch * groups * T * d * p
-    inst_bytes = 4 * batch * groups * p * d
-    ghost = ghost_bytes + ghost_flops / FLOPS_PER_BYTE
-    inst = inst_bytes + inst_flops / FLOPS_PER_BYTE
-    if ghost <= inst:
-        return "ghost", ghost_flops, ghost_bytes
-    return "instantiate", inst_flops, inst_bytes
+    """(strategy, extra flops, held bytes) of the cheaper way to get a conv weight's per-sample norms."""
+    return cost.choose(batch, T, p, d, groups).as_tuple()
 
 
 @rule("conv")
@@ -204,5 +190,6 @@ def match_conv(contribution, ctx):
         strategy, flops, nbytes = "instantiate", 2 * batch * T * math.prod(wshape), 4 * batch * math.prod(wshape)
     else:
         strategy, flops, nbytes = choose(batch, T, g, math.prod(wshape[1:]), wshape[0] // g)
+        shapes.update(cost.choose(batch, T, wshape[0] // g, math.prod(wshape[1:]), g).describe())
     return ConvWeightRoute(strategy, contribution, grad_out, x, weight, conv, lay, shapes=shapes,
                            extra_flops=flops, extra_bytes=nbytes)

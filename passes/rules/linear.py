@@ -3,7 +3,8 @@
 Per sample i the contribution is X_i Y_i (X_i: m x T, Y_i: T x k, T rows per sample).
 - ghost, T = 1:  ||X_i Y_i||^2 = ||x_i||^2 ||y_i||^2
 - ghost, T > 1:  ||X_i Y_i||^2 = <X_i^T X_i, Y_i Y_i^T>   (two T x T Gram matrices)
-- instantiate:   X_i Y_i as one bmm, when B*T*m*k is cheaper than B*T^2*(m+k)
+- instantiate:   X_i Y_i as one bmm (replacing the weight-gradient mm), where rules/cost.py
+                 prices it below the Grams
 Reweighting scales one operand's rows by R: sum_i R_i X_i Y_i = mm(X * R, Y).
 """
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..layout import Layout, known_equal, size_hint
-from . import InstantiatedRoute, normalized, replay, rule, scale_by_sample, split_batch, zero_dropped
+from . import InstantiatedRoute, cost, normalized, replay, rule, scale_by_sample, split_batch, zero_dropped
 
 aten = torch.ops.aten
 
@@ -129,14 +130,9 @@ def match_linear(contribution, ctx):
         return None
     if not (known_equal(lx.inner, ly.inner) and known_equal(lx.outer, ly.outer)):
         return None
-    batch = ctx.batch_hint
     T = size_hint(lx.inner) * size_hint(lx.outer)  # rows per sample (outer > 1: sequence-first)
     m, k = size_hint(x.meta["val"].shape[0]), size_hint(y.meta["val"].shape[1])
-    ghost_flops = 2 * batch * (T * (m + k) if T == 1 else T * T * (m + k + 1))
-    inst_flops = 2 * batch * T * m * k
-    strategy = "ghost" if ghost_flops <= inst_flops else "instantiate"
-    shapes = {"B": str(ctx.batch_size), "T": str(lx.inner), "m": str(m), "k": str(k)}
-    extra_bytes = 4 * batch * (2 * T * T if T > 1 and strategy == "ghost" else m * k if strategy == "instantiate" else 2)
-    return LinearRoute(strategy, contribution, x, y, lx, ly, shapes=shapes,
-                       extra_flops=ghost_flops if strategy == "ghost" else inst_flops,
-                       extra_bytes=extra_bytes)
+    choice = cost.choose(ctx.batch_hint, T, m, k)
+    shapes = {"B": str(ctx.batch_size), "T": str(lx.inner), "m": str(m), "k": str(k), **choice.describe()}
+    return LinearRoute(choice.strategy, contribution, x, y, lx, ly, shapes=shapes,
+                       extra_flops=choice.flops, extra_bytes=choice.held_bytes)
