@@ -260,3 +260,15 @@ def test_constant_index_after_the_batch_keeps_the_linear_rule():
     before = rule_counters["fallback"]
     routes = run_check(HeadPick(), (torch.randn(4, 5, 6, dtype=D),))
     assert routes["qkv.weight"].rule == "linear" and rule_counters["fallback"] == before
+
+
+def test_layout_rules_are_listed_by_family_file():
+    import pathlib
+
+    import fxclip.passes.layout as layout
+
+    families = set(registered_layout_rules().values()) - {"layout"}  # "layout": the package's own
+    folder = pathlib.Path(layout.__file__).parent
+    assert families and all((folder / f"{f}.py").exists() for f in families)
+    assert registered_layout_rules()["aten.convolution.default"] == "per_sample"
+    assert registered_layout_rules()["aten.cumsum.default"] == "along"
