@@ -17,6 +17,8 @@ STYLE = {  # colour, marker, linestyle
     "opacus_ghost": ("#d62728", "^", "-"),
     "opacus_hooks": ("#ff7f0e", "v", "-"),
     "functorch": ("#2ca02c", "D", "-"),
+    "plain_compiled_bf16": ("#000000", "x", ":"),
+    "fxclip_compiled_bf16": ("#1f77b4", "x", ":"),
 }
 
 
@@ -108,7 +110,9 @@ def check_table(r) -> list[str]:
         return [f"Gradient check failed to run: `{_short(ch.get('error', '?'), 300)}`", ""]
     lines = [
         f"Gradient check (B={ch['batch_size']}, one batch, vs float64 torch.func; "
-        f"{100 * ch['fraction_clipped']:.0f}% of samples clipped; tolerance {ch['tol']:g}):",
+        f"{100 * ch['fraction_clipped']:.0f}% of samples clipped; tolerance {ch['tol']:g}"
+        + (f", bf16 rows {ch['bf16_tol']:g}; an unclipped gradient is "
+           f"{ch['unclipped_vs_clipped']:.1e} from the clipped sum" if "bf16_tol" in ch else "") + "):",
         "",
         "| configuration | compared with | rel. error of grads | rel. error of norms | ok |",
         "|---|---|---:|---:|---|",
@@ -297,6 +301,13 @@ def write_all(out_dir: Path, md_path: Path, tag: str = ""):
         parts += [f"fxclip measured at commit `{code.get('commit')}` (per model below)"
                   + (f" ({code['source']})" if code.get("source") else "")
                   + (f" with uncommitted changes in {', '.join(dirty)}" if dirty else "") + ".", ""]
+    device = any_r.get("device", "cpu")
+    if device != "cpu":
+        parts += [f"**Device: {device}.** Models and batches on it; the device is synchronized around "
+                  "every timed step; the memory columns named RSS hold `torch.cuda.max_memory_allocated` "
+                  "(peak over steps, minus the memory allocated before the first step), not RSS; "
+                  "the gradient check's reference is float64 on the CPU, the checked float32 step runs "
+                  "without TF32.", ""]
     parts += ["## Summary", "", "Goals (issue 7): fxclip compiled <= 1.15x plain compiled in time and "
               "peak memory; >= 2x faster than Opacus ghost.", ""] + summary(res) + [""]
     for m, r in res.items():
