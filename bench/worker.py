@@ -35,7 +35,7 @@ from .models import MODELS, n_params
 MB = 1024 * 1024
 SLOW_S = 2.0  # a step slower than this is "slow": one warm-up step, fewer rounds
 BUDGET_S = 20.0  # timed seconds per slow configuration and batch size
-BF16_TOL = 2e-2  # relative error of bf16-autocast gradients vs float64 (bf16 keeps 8 mantissa bits)
+BF16_TOL = 5e-2  # bf16-autocast gradients vs float64: plain bf16 itself is 3e-2 off on the MLP (CPU)
 
 
 def _setup_torch(threads: int):
