@@ -44,10 +44,11 @@ WORKDIR = [str(HERE.parent)]  # where workers run (a source snapshot, see _snaps
 RESULTS = HERE / "results"
 
 
-def _env(cache_dir: str, threads: int) -> dict:
+def _env(cache_dir: str, threads: int, device: str = "cpu") -> dict:
     env = dict(os.environ)
     env["TORCHINDUCTOR_CACHE_DIR"] = cache_dir
-    env["TORCHINDUCTOR_COMPILE_THREADS"] = "1"  # compile in-process: no worker pool on 2 cores
+    if device == "cpu":  # on a GPU machine Triton kernels compile in Inductor's worker pool
+        env["TORCHINDUCTOR_COMPILE_THREADS"] = "1"  # compile in-process: no worker pool on 2 cores
     env["OMP_NUM_THREADS"] = str(threads)
     env["PYTHONWARNINGS"] = "ignore"
     env["TOKENIZERS_PARALLELISM"] = "false"
@@ -189,7 +190,7 @@ def main(argv=None):
         return MODELS[m].quick_batch_sizes if a.quick else MODELS[m].batch_sizes
 
     cache = a.cache_dir or tempfile.mkdtemp(prefix="fxclip-bench-inductor-")
-    env = _env(cache, a.threads)
+    env = _env(cache, a.threads, a.device)
     src = None
     if a.fxclip_rev == "worktree":
         code = _git_state()
