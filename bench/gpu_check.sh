@@ -9,7 +9,7 @@
 # Every setting is an environment variable (defaults: the GPU run). The same script on the CPU,
 # small, end to end:
 #   DEVICE=cpu MODELS="mlp gpt" BATCH_MLP=8 BATCH_GPT=4 CONF_MODELS="mlp bilinear" CHECK_MODELS=mlp \
-#     CHECK_BS_MLP=4 MEM_MODELS=mlp THREADS=2 T_CONF=900 T_TIME=900 T_CHECK=500 T_MEM=400 \
+#     CHECK_BS_MLP=4 MEM_MODELS=mlp THREADS=2 TOTAL=3600 T_CONF=900 T_CHECK=500 T_MEM=400 \
 #     bash bench/gpu_check.sh
 # Exit status: 1 if a conformance check or a gradient check failed, else 0.
 set -u
@@ -35,11 +35,14 @@ MEM_CONFIGS=${MEM_CONFIGS:-"plain_compiled fxclip_compiled"}
 ROUNDS=${ROUNDS:-3}
 TARGET_S=${TARGET_S:-0.05}                    # timed seconds per configuration per round
 THREADS=${THREADS:-8}
-# wall-clock limits per phase (seconds; 120 + 260 + 50 + 40 = 470 < 8 min, plus the install if any)
-T_CONF=${T_CONF:-120}
-T_TIME=${T_TIME:-260}
-T_CHECK=${T_CHECK:-50}
-T_MEM=${T_MEM:-40}
+# wall-clock limits (seconds): TOTAL for the whole script (an install, if any, not counted);
+# conformance up to T_CONF; the step-time phase gets what is left before the last T_CHECK + T_MEM +
+# T_REPORT seconds, the gradient check T_CHECK and memory T_MEM
+TOTAL=${TOTAL:-465}
+T_CONF=${T_CONF:-170}
+T_CHECK=${T_CHECK:-45}
+T_MEM=${T_MEM:-35}
+T_REPORT=${T_REPORT:-20}
 OUT=bench/results/${DEVICE%%:*}
 mkdir -p "$OUT"
 CACHE=$(mktemp -d /tmp/fxclip-gpu-check-inductor-XXXX)  # one Inductor cache for all bench calls
@@ -52,9 +55,11 @@ phase "environment"
 if ! $PY -c "import torch" 2>/dev/null; then
   echo "torch missing: pip install -q torch==2.13.0 -e .[bench]"
   $PY -m pip install -q torch==2.13.0 -e ".[bench]" || { echo "install failed"; exit 2; }
+  t0=$(date +%s)
 elif ! $PY -c "import fxclip.passes, tqdm, dp_accounting, opacus, transformers, matplotlib" 2>/dev/null; then
   echo "fxclip or a bench dependency missing: pip install -q -e .[bench] (torch as installed)"
   $PY -m pip install -q -e ".[bench]" || echo "install failed: continuing with what imports"
+  t0=$(date +%s)
 fi
 $PY - <<EOF || exit 2
 import torch, fxclip
@@ -78,16 +83,17 @@ bs_of() { local v="BATCH_$(echo "$1" | tr a-z A-Z)"; echo "${!v:-16}"; }
 check_bs_of() { local v="CHECK_BS_$(echo "$1" | tr a-z A-Z)"; echo "${!v:-$(bs_of "$1")}"; }
 
 phase "step time: $MODELS x $CONFIGS"
-time_end=$(( $(date +%s) + T_TIME ))
+time_end=$(( t0 + TOTAL - T_CHECK - T_MEM - T_REPORT ))
 for m in $MODELS; do  # one bench call per model: each at its own batch size
   left=$(( time_end - $(date +%s) ))
-  if [ $left -le 10 ]; then echo "SKIP $m step time: phase limit of $T_TIME s reached"; continue; fi
+  if [ $left -le 10 ]; then echo "SKIP $m step time: time limit reached (TOTAL=$TOTAL s)"; continue; fi
   timeout "$left" $BENCH --models "$m" --batch-sizes $(bs_of "$m") --configs $CONFIGS --no-mem \
     --rounds "$ROUNDS" --warmup 2 --target-s "$TARGET_S" --timeout $(( left - 5 )) 2>&1 | tail -n 2
 done
 
 phase "gradient check: $CHECK_MODELS vs float64 (float32 tol 1e-3, bf16 5e-2)"
 check_end=$(( $(date +%s) + T_CHECK ))
+[ $check_end -gt $(( t0 + TOTAL - T_MEM - T_REPORT )) ] && check_end=$(( t0 + TOTAL - T_MEM - T_REPORT ))
 for m in $CHECK_MODELS; do
   left=$(( check_end - $(date +%s) ))
   if [ $left -le 10 ]; then echo "SKIP $m gradient check: phase limit of $T_CHECK s reached"; continue; fi
@@ -119,6 +125,7 @@ EOF
 
 phase "memory: $MEM_MODELS x $MEM_CONFIGS"
 mem_end=$(( $(date +%s) + T_MEM ))
+[ $mem_end -gt $(( t0 + TOTAL - T_REPORT )) ] && mem_end=$(( t0 + TOTAL - T_REPORT ))
 for m in $MEM_MODELS; do
   left=$(( mem_end - $(date +%s) ))
   if [ $left -le 10 ]; then echo "SKIP $m memory: phase limit of $T_MEM s reached"; continue; fi
@@ -127,7 +134,7 @@ for m in $MEM_MODELS; do
 done
 
 phase "report"
-$BENCH --report-only
+timeout "$T_REPORT" $BENCH --report-only
 $PY - "$OUT" <<'EOF'
 import json, sys
 from pathlib import Path

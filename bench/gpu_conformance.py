@@ -391,10 +391,14 @@ def main(argv=None):
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--no-compile", action="store_true", help="eager checks only (quicker)")
+    ap.add_argument("--all-checks", action="store_true",
+                    help="on the CPU, also run the fp16 GradScaler check (CPU fp16 autocast) and the "
+                         "reduce-overhead check (no CUDA graphs there): exercises their code")
     ap.add_argument("--out", default=None, help="JSON summary (default bench/results/<device>/conformance.json)")
     a = ap.parse_args(argv)
     device = torch.device(a.device)
     cuda = device.type == "cuda"
+    run_cuda_checks = cuda or a.all_checks
     if cuda:  # float32 means float32: no TF32 in the checked steps
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
@@ -408,15 +412,25 @@ def main(argv=None):
                            lambda m=m, c=compiled: check_privatize(m, device, a.batch_size, c)))
     checks.append(("mlp/loss_fn compiled", lambda: check_loss_fn(device, a.batch_size)))
     checks.append(("mlp/GradScaler fp16 compiled",
-                   (lambda: check_grad_scaler(device, a.batch_size)) if cuda else
+                   (lambda: check_grad_scaler(device, a.batch_size)) if run_cuda_checks else
                    "needs CUDA (fp16 autocast + GradScaler is the GPU recipe)"))
     checks.append(("mlp/reduce-overhead 3 steps",
-                   (lambda: check_reduce_overhead(device, a.batch_size)) if cuda else
+                   (lambda: check_reduce_overhead(device, a.batch_size)) if run_cuda_checks else
                    "needs CUDA (CUDA graphs)"))
     checks.append(("mlp/make_private pad_to_multiple=8 compiled", lambda: check_pad_to_multiple(device)))
 
     results, failed = {}, 0
     t_all = time.time()
+    out = Path(a.out) if a.out else RESULTS / device.type / "conformance.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def write():  # after every check: a run stopped by a time limit keeps what it finished
+        summary = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if cuda else "cpu",
+                   "torch": torch.__version__, "tol_float32": TOL_F32, "tol_fp16": TOL_FP16,
+                   "batch_size": a.batch_size, "failed": failed, "seconds": round(time.time() - t_all, 1),
+                   "not_run": [n for n, _ in checks if n not in results], "checks": results}
+        out.write_text(json.dumps(summary, indent=1))
+
     print(f"fxclip conformance on {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if cuda else "")
           + f", torch {torch.__version__}, float32 tolerance {TOL_F32:g}, fp16 {TOL_FP16:g}", flush=True)
@@ -425,6 +439,7 @@ def main(argv=None):
         if isinstance(fn, str):
             results[name] = {"status": "SKIP", "why": fn}
             print(f"SKIP {name}: {fn}", flush=True)
+            write()
             continue
         if name.startswith("hf_gpt2"):
             try:
@@ -432,6 +447,7 @@ def main(argv=None):
             except Exception as e:
                 results[name] = {"status": "SKIP", "why": f"transformers does not import: {e}"}
                 print(f"SKIP {name}: transformers does not import ({e})", flush=True)
+                write()
                 continue
         try:
             d = fn()
@@ -447,13 +463,7 @@ def main(argv=None):
                            if k in d)
         print(f"{d['status']} {name} ({d['seconds']:.0f} s{', ' + detail if detail else ''})"
               + ("".join(f"\n    {p}" for p in d["problems"]) if d["problems"] else ""), flush=True)
-    out = Path(a.out) if a.out else RESULTS / device.type / "conformance.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    summary = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if cuda else "cpu",
-               "torch": torch.__version__, "tol_float32": TOL_F32, "tol_fp16": TOL_FP16,
-               "batch_size": a.batch_size, "failed": failed, "seconds": round(time.time() - t_all, 1),
-               "checks": results}
-    out.write_text(json.dumps(summary, indent=1))
+        write()
     n_pass = sum(r["status"] == "PASS" for r in results.values())
     n_skip = sum(r["status"] == "SKIP" for r in results.values())
     print(f"{n_pass} passed, {failed} failed, {n_skip} skipped in {time.time() - t_all:.0f} s; wrote {out}")
