@@ -241,8 +241,6 @@ _BUILDERS = {
     "opacus_ghost": _opacus_ghost,
     "opacus_hooks": _opacus_hooks,
     "functorch": _functorch,
-    "plain_compiled_bf16": lambda m, C: _plain(m, C, True, torch.bfloat16),
-    "fxclip_compiled_bf16": lambda m, C: _fxclip(m, C, True, torch.bfloat16),
 }
 
 
@@ -271,3 +269,9 @@ def reference_grads(model: nn.Module, x, y, C: float = 1.0, dtype=torch.float64)
     clipped = [torch.einsum("i,i...", factor, t) for t in gs]
     unclipped = [t.sum(0) for t in gs]
     return clipped, unclipped, norms
+
+
+_BUILDERS.update({
+    "plain_compiled_bf16": lambda m, C: _plain(m, C, True, torch.bfloat16),
+    "fxclip_compiled_bf16": lambda m, C: _fxclip(m, C, True, torch.bfloat16),
+})

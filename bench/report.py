@@ -17,8 +17,6 @@ STYLE = {  # colour, marker, linestyle
     "opacus_ghost": ("#d62728", "^", "-"),
     "opacus_hooks": ("#ff7f0e", "v", "-"),
     "functorch": ("#2ca02c", "D", "-"),
-    "plain_compiled_bf16": ("#000000", "x", ":"),
-    "fxclip_compiled_bf16": ("#1f77b4", "x", ":"),
 }
 
 
@@ -129,6 +127,17 @@ def check_table(r) -> list[str]:
     return lines + [""]
 
 
+def device_note(r) -> list[str]:
+    """How a run on a device other than the CPU was measured."""
+    device = r.get("device", "cpu")
+    if device == "cpu":
+        return []
+    return [f"**Device: {device}.** Models and batches on it; the device is synchronized around every "
+            "timed step; the memory columns named RSS hold `torch.cuda.max_memory_allocated` (peak over "
+            "steps, minus the memory allocated before the first step), not RSS; the gradient check's "
+            "reference is float64 on the CPU, the checked float32 steps run without TF32.", ""]
+
+
 def summary(res) -> list[str]:
     lines = [
         "| model | B | fxclip compiled / plain compiled: time, median (min) "
@@ -204,7 +213,7 @@ def plot(r, path: Path):
                 elif d.get("error"):
                     failed.add(c)
             if xs:
-                col, mk, ls = STYLE[c]
+                col, mk, ls = STYLE[c] if c in STYLE else (*STYLE[c.removesuffix("_bf16")][:2], ":")
                 face = "none" if ls == "--" else col  # eager variants: hollow markers, dashed
                 ax.plot(xs, ys, color=col, marker=mk, linestyle=ls, markerfacecolor=face,
                         label=CONFIGS[c].label)
@@ -301,13 +310,6 @@ def write_all(out_dir: Path, md_path: Path, tag: str = ""):
         parts += [f"fxclip measured at commit `{code.get('commit')}` (per model below)"
                   + (f" ({code['source']})" if code.get("source") else "")
                   + (f" with uncommitted changes in {', '.join(dirty)}" if dirty else "") + ".", ""]
-    device = any_r.get("device", "cpu")
-    if device != "cpu":
-        parts += [f"**Device: {device}.** Models and batches on it; the device is synchronized around "
-                  "every timed step; the memory columns named RSS hold `torch.cuda.max_memory_allocated` "
-                  "(peak over steps, minus the memory allocated before the first step), not RSS; "
-                  "the gradient check's reference is float64 on the CPU, the checked float32 step runs "
-                  "without TF32.", ""]
     parts += ["## Summary", "", "Goals (issue 7): fxclip compiled <= 1.15x plain compiled in time and "
               "peak memory; >= 2x faster than Opacus ghost.", ""] + summary(res) + [""]
     for m, r in res.items():
@@ -323,4 +325,5 @@ def write_all(out_dir: Path, md_path: Path, tag: str = ""):
         parts += model_table(r) + [""]
         parts += check_table(r)
         parts += [f"![{m}]({rel})", ""]
+    parts[1:1] = device_note(any_r)  # after the header
     md_path.write_text("\n".join(parts))
