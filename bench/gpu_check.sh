@@ -11,11 +11,12 @@
 #   DEVICE=cpu MODELS="mlp gpt" BATCH_MLP=8 BATCH_GPT=4 CONF_MODELS="mlp bilinear" CHECK_MODELS=mlp \
 #     CHECK_BS_MLP=4 MEM_MODELS=mlp THREADS=2 TOTAL=3600 T_CONF=900 T_CHECK=500 T_MEM=400 \
 #     bash bench/gpu_check.sh
-# Exit status: 1 if a conformance check or a gradient check failed, else 0.
+# COPY_TO=DIR copies the results folder into DIR at the end (e.g. a device runner's output folder).
+# Exit status: 1 if a conformance check or a gradient check failed, 2 if nothing could run, else 0.
 set -u
 cd "$(dirname "$0")/.."
 
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python || command -v python3)}
 DEVICE=${DEVICE:-cuda}
 MODELS=${MODELS:-"mlp gpt tied_lm hf_gpt2 cnn"}
 CONFIGS=${CONFIGS:-"plain_compiled fxclip_compiled plain_compiled_bf16 fxclip_compiled_bf16 opacus_ghost"}
@@ -43,8 +44,8 @@ T_CONF=${T_CONF:-170}
 T_CHECK=${T_CHECK:-45}
 T_MEM=${T_MEM:-35}
 T_REPORT=${T_REPORT:-20}
-OUT=bench/results/${DEVICE%%:*}
-mkdir -p "$OUT"
+RES=bench/results/${DEVICE%%:*}
+mkdir -p "$RES"
 CACHE=$(mktemp -d /tmp/fxclip-gpu-check-inductor-XXXX)  # one Inductor cache for all bench calls
 trap 'rm -rf "$CACHE"' EXIT
 
@@ -58,7 +59,8 @@ if ! $PY -c "import torch" 2>/dev/null; then
   t0=$(date +%s)
 elif ! $PY -c "import fxclip.passes, tqdm, dp_accounting, opacus, transformers, matplotlib" 2>/dev/null; then
   echo "fxclip or a bench dependency missing: pip install -q -e .[bench] (torch as installed)"
-  $PY -m pip install -q -e ".[bench]" || echo "install failed: continuing with what imports"
+  $PY -m pip install -q -e ".[bench]" || $PY -m pip install -q --no-deps --no-build-isolation -e . \
+    || echo "install failed: continuing with what imports"
   t0=$(date +%s)
 fi
 $PY - <<EOF || exit 2
@@ -72,13 +74,13 @@ fail=0
 
 phase "conformance: float32 on $DEVICE vs float64 CPU reference"
 timeout "$T_CONF" $PY -W ignore -m bench.gpu_conformance --device "$DEVICE" --models $CONF_MODELS \
-  --out "$OUT/conformance.json" 2>"$OUT/conformance.stderr"
+  --out "$RES/conformance.json" 2>"$RES/conformance.stderr"
 rc=$?
-[ $rc -eq 124 ] && echo "FAIL conformance: timed out after $T_CONF s (see $OUT/conformance.stderr)"
+[ $rc -eq 124 ] && echo "FAIL conformance: timed out after $T_CONF s (see $RES/conformance.stderr)"
 [ $rc -ne 0 ] && fail=1
 
 # the working tree as it is (the GPU machine's copy may have no .git for bench's git snapshot)
-BENCH="$PY -m bench --device $DEVICE --threads $THREADS --fxclip-rev worktree --out $OUT --cache-dir $CACHE"
+BENCH="$PY -m bench --device $DEVICE --threads $THREADS --fxclip-rev worktree --out $RES --cache-dir $CACHE"
 bs_of() { local v="BATCH_$(echo "$1" | tr a-z A-Z)"; echo "${!v:-16}"; }
 check_bs_of() { local v="CHECK_BS_$(echo "$1" | tr a-z A-Z)"; echo "${!v:-$(bs_of "$1")}"; }
 
@@ -101,7 +103,7 @@ for m in $CHECK_MODELS; do
     --configs plain_compiled fxclip_compiled plain_compiled_bf16 fxclip_compiled_bf16 \
     --timeout $(( left - 5 )) 2>&1 | tail -n 1
 done
-$PY - "$OUT" $CHECK_MODELS <<'EOF' || fail=1
+$PY - "$RES" $CHECK_MODELS <<'EOF' || fail=1
 import json, sys
 from pathlib import Path
 out, bad = Path(sys.argv[1]), 0
@@ -135,7 +137,7 @@ done
 
 phase "report"
 timeout "$T_REPORT" $BENCH --report-only
-$PY - "$OUT" <<'EOF'
+$PY - "$RES" <<'EOF'
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
@@ -148,5 +150,6 @@ for p in sorted(out.glob("*.json")):
                  for c, d in row.items() if isinstance(d, dict)]
         print(f"{r['model']} B={bs}: " + "; ".join(cells))
 EOF
-echo "wrote $OUT/ (RESULTS.md, conformance.json); total $(( $(date +%s) - t0 )) s; $([ $fail -eq 0 ] && echo ALL PASSED || echo FAILURES ABOVE)"
+[ -n "${COPY_TO:-}" ] && mkdir -p "$COPY_TO" && cp -r "$RES" "$COPY_TO/"
+echo "wrote $RES/ (RESULTS.md, conformance.json)${COPY_TO:+, copied to $COPY_TO}; total $(( $(date +%s) - t0 )) s; $([ $fail -eq 0 ] && echo ALL PASSED || echo FAILURES ABOVE)"
 exit $fail
