@@ -5,6 +5,8 @@
     python -m bench --models mlp gpt --batch-sizes 16 32 --configs plain_compiled fxclip_compiled
     python -m bench --check                  # gradients of every config vs float64 torch.func
     python -m bench --report-only            # regenerate RESULTS.md and plots from results/*.json
+    python -m bench --device cuda --configs plain_compiled fxclip_compiled plain_compiled_bf16 \
+        fxclip_compiled_bf16                 # on a GPU -> results/cuda/ (and results/cuda/RESULTS.md)
 
 Per model it runs (each in a fresh subprocess, 2 torch threads):
   1. step time + compile time: one subprocess per model holding ALL configurations; per batch
@@ -42,10 +44,11 @@ WORKDIR = [str(HERE.parent)]  # where workers run (a source snapshot, see _snaps
 RESULTS = HERE / "results"
 
 
-def _env(cache_dir: str, threads: int) -> dict:
+def _env(cache_dir: str, threads: int, device: str = "cpu") -> dict:
     env = dict(os.environ)
     env["TORCHINDUCTOR_CACHE_DIR"] = cache_dir
-    env["TORCHINDUCTOR_COMPILE_THREADS"] = "1"  # compile in-process: no worker pool on 2 cores
+    if device == "cpu":  # on a GPU machine Triton kernels compile in Inductor's worker pool
+        env["TORCHINDUCTOR_COMPILE_THREADS"] = "1"  # compile in-process: no worker pool on 2 cores
     env["OMP_NUM_THREADS"] = str(threads)
     env["PYTHONWARNINGS"] = "ignore"
     env["TOKENIZERS_PARALLELISM"] = "false"
@@ -124,13 +127,22 @@ def _snapshot(rev: str) -> tuple[str, dict]:
     return d, {"commit": commit, "source": f"git archive {rev} (committed code only)"}
 
 
+def _device_name(device: str) -> str:
+    """'cpu', or the GPU's name (e.g. 'cuda: NVIDIA H100 80GB HBM3')."""
+    if device == "cpu":
+        return "cpu"
+    import torch
+    return f"{device}: {torch.cuda.get_device_name(torch.device(device))}"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=None,
                     help="override every model's batch sizes")
-    ap.add_argument("--configs", nargs="+", default=ALL_CONFIGS, choices=ALL_CONFIGS)
+    ap.add_argument("--configs", nargs="+", default=ALL_CONFIGS, choices=list(CONFIGS),
+                    help="default: all but the bf16 autocast rows (*_bf16)")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default 7, quick 3)")
     ap.add_argument("--warmup", type=int, default=2, help="warm-up steps after the first step")
     ap.add_argument("--mem-steps", type=int, default=2, help="steady-state steps in the memory run")
@@ -148,7 +160,11 @@ def main(argv=None):
     ap.add_argument("--cache-dir", default=None,
                     help="Inductor cache dir (default: a fresh temporary one, so first steps are cold compiles)")
     ap.add_argument("--timeout", type=float, default=1200, help="per worker process, seconds")
-    ap.add_argument("--out", default=str(RESULTS), help="results folder")
+    ap.add_argument("--device", default="cpu",
+                    help="cpu, cuda, cuda:1, ...: models, data and steps on it; the device is synchronized "
+                         "around timed steps; memory on cuda is torch.cuda.max_memory_allocated")
+    ap.add_argument("--out", default=None, help="results folder (default results/, results/<device>/ "
+                                                "when the device is not the CPU)")
     ap.add_argument("--tag", default="", help="suffix for result files (e.g. 'quick')")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--fxclip-rev", default="HEAD",
@@ -156,10 +172,13 @@ def main(argv=None):
                          "'worktree' measures the working tree as it is (may change during the sweep)")
     a = ap.parse_args(argv)
 
-    out_dir = Path(a.out)
+    on_cpu = a.device == "cpu"
+    out_dir = Path(a.out or (RESULTS if on_cpu else RESULTS / a.device.split(":")[0]))
     out_dir.mkdir(parents=True, exist_ok=True)
+    # a device's tables next to its results; the CPU's stay in bench/RESULTS.md
+    results_md = HERE / "RESULTS.md" if on_cpu and not a.out else out_dir / "RESULTS.md"
     if a.report_only:
-        report.write_all(out_dir, HERE / "RESULTS.md")
+        report.write_all(out_dir, results_md)
         return 0
     rounds = a.rounds or (3 if a.quick else 7)
     target_s = a.target_s or (0.1 if a.quick else 0.25)
@@ -171,7 +190,7 @@ def main(argv=None):
         return MODELS[m].quick_batch_sizes if a.quick else MODELS[m].batch_sizes
 
     cache = a.cache_dir or tempfile.mkdtemp(prefix="fxclip-bench-inductor-")
-    env = _env(cache, a.threads)
+    env = _env(cache, a.threads, a.device)
     src = None
     if a.fxclip_rev == "worktree":
         code = _git_state()
@@ -194,6 +213,7 @@ def main(argv=None):
                 "model": m, "description": MODELS[m].description,
                 "machine": {"cpu_count": os.cpu_count(), "threads": a.threads,
                             "platform": platform.platform(), "python": platform.python_version()},
+                "device": _device_name(a.device),
                 "date": datetime.datetime.now().isoformat(timespec="seconds"),
             })
             try:
@@ -221,7 +241,7 @@ def main(argv=None):
                     bar.update(1)
                     bar.set_postfix_str(f"{m} time B={line.split()[-1]} done")
 
-                r = _worker(["time", "--model", m, "--batch-sizes", *map(str, bss),
+                r = _worker(["time", "--model", m, "--device", a.device, "--batch-sizes", *map(str, bss),
                              "--configs", *a.configs, "--rounds", str(rounds),
                              "--warmup", str(a.warmup), "--target-s", str(target_s),
                              "--threads", str(a.threads), "--max-inst-gb", str(a.max_inst_gb)],
@@ -240,7 +260,7 @@ def main(argv=None):
                 for bs in bss:
                     for c in a.configs:
                         bar.set_postfix_str(f"{m} B={bs} {c} mem")
-                        r = _worker(["mem", "--model", m, "--batch-sizes", str(bs), "--configs", c,
+                        r = _worker(["mem", "--model", m, "--device", a.device, "--batch-sizes", str(bs), "--configs", c,
                                      "--steps", str(a.mem_steps), "--threads", str(a.threads),
                                      "--max-inst-gb", str(a.max_inst_gb)], env, log, a.timeout)
                         res["mem"].setdefault(str(bs), {})[c] = r
@@ -249,7 +269,7 @@ def main(argv=None):
             if do_check:
                 bar.set_postfix_str(f"{m} check")
                 res["check"] = _worker(
-                    ["check", "--model", m, "--batch-sizes", str(a.check_batch_size or min(bss)),
+                    ["check", "--model", m, "--device", a.device, "--batch-sizes", str(a.check_batch_size or min(bss)),
                      "--configs", *a.configs, "--threads", str(a.threads),
                      "--max-inst-gb", str(a.max_inst_gb)], env, log, a.timeout)
                 bar.update(1)
@@ -263,8 +283,8 @@ def main(argv=None):
         shutil.rmtree(src, ignore_errors=True)
     print(f"sweep took {time.time() - t_start:.0f} s; log: {log_path}")
     if not tag:
-        report.write_all(out_dir, HERE / "RESULTS.md")
-        print(f"wrote {HERE / 'RESULTS.md'} and plots in {out_dir}")
+        report.write_all(out_dir, results_md)
+        print(f"wrote {results_md} and plots in {out_dir}")
     else:
         report.write_all(out_dir, out_dir / f"RESULTS-{tag}.md", tag=tag)
         print(f"wrote {out_dir / f'RESULTS-{tag}.md'}")

@@ -33,6 +33,7 @@ class ConfigInfo:
     compiled: bool
     instantiates: bool  # materialises B x |params| per-sample gradients (memory guard applies)
     doc: str
+    autocast: Optional[torch.dtype] = None  # forward under torch.autocast(device, dtype)
 
 
 CONFIGS: dict[str, ConfigInfo] = {c.name: c for c in [
@@ -64,6 +65,17 @@ CONFIGS: dict[str, ConfigInfo] = {c.name: c for c in [
 
 ALL_CONFIGS = list(CONFIGS)
 BASELINE = "plain_compiled"
+
+# bf16 autocast rows: not in the default sweep (ALL_CONFIGS), chosen with --configs (GPU runs)
+BF16_CONFIGS = {c.name: c for c in [
+    ConfigInfo("plain_compiled_bf16", "plain compiled bf16", False, True, False,
+               "plain compiled, forward under torch.autocast(dtype=torch.bfloat16); loss in float32",
+               torch.bfloat16),
+    ConfigInfo("fxclip_compiled_bf16", "fxclip compiled bf16", True, True, False,
+               "fxclip compiled, forward under torch.autocast(dtype=torch.bfloat16); loss in float32",
+               torch.bfloat16),
+]}
+CONFIGS.update(BF16_CONFIGS)
 
 
 class Runner:
@@ -108,8 +120,22 @@ def build(name: str, model: nn.Module, C: float = 1.0) -> Runner:
     return _BUILDERS[name](model, C)
 
 
-def _plain(model, C, compiled):
-    fwd = torch.compile(model, dynamic=False) if compiled else model
+def _autocast(fwd, dtype):
+    """``fwd`` run under ``torch.autocast(x's device, dtype)``; the output back in float32, so the
+    loss is computed in float32 (as autocast does for cross-entropy on CUDA)."""
+    if dtype is None:
+        return fwd
+
+    def run(x):
+        with torch.autocast(x.device.type, dtype=dtype):
+            out = fwd(x)
+        return out.float()
+
+    return run
+
+
+def _plain(model, C, compiled, autocast=None):
+    fwd = _autocast(torch.compile(model, dynamic=False) if compiled else model, autocast)
     crit = PerSampleCE("sum")
     params = list(_unique_params(model))
 
@@ -120,11 +146,11 @@ def _plain(model, C, compiled):
     return Runner(model, step)
 
 
-def _fxclip(model, C, compiled):
+def _fxclip(model, C, compiled, autocast=None):
     import fxclip
 
     pm = fxclip.privatize(model, max_grad_norm=C, loss_reduction="sum")
-    fwd = torch.compile(pm, dynamic=False) if compiled else pm
+    fwd = _autocast(torch.compile(pm, dynamic=False) if compiled else pm, autocast)
     crit = PerSampleCE("sum")
     params = list(_unique_params(model))
 
@@ -273,7 +299,8 @@ def reference_grads(model: nn.Module, x, y, C: float = 1.0, dtype=torch.float64)
 
     from torch.func import functional_call, grad, vmap
 
-    m = copy.deepcopy(model).to(dtype)
+    m = copy.deepcopy(model).to("cpu", dtype)  # the reference is computed on the CPU
+    x, y = x.cpu(), y.cpu()
     names = [n for n, p in m.named_parameters() if p.requires_grad]
     pdict = {n: p.detach() for n, p in m.named_parameters() if p.requires_grad}
     buffers = dict(m.named_buffers())
@@ -290,3 +317,9 @@ def reference_grads(model: nn.Module, x, y, C: float = 1.0, dtype=torch.float64)
     clipped = [torch.einsum("i,i...", factor, t) for t in gs]
     unclipped = [t.sum(0) for t in gs]
     return clipped, unclipped, norms
+
+
+_BUILDERS.update({
+    "plain_compiled_bf16": lambda m, C: _plain(m, C, True, torch.bfloat16),
+    "fxclip_compiled_bf16": lambda m, C: _fxclip(m, C, True, torch.bfloat16),
+})

@@ -116,7 +116,9 @@ def check_table(r) -> list[str]:
         return [f"Gradient check failed to run: `{_short(ch.get('error', '?'), 300)}`", ""]
     lines = [
         f"Gradient check (B={ch['batch_size']}, one batch, vs float64 torch.func; "
-        f"{100 * ch['fraction_clipped']:.0f}% of samples clipped; tolerance {ch['tol']:g}):",
+        f"{100 * ch['fraction_clipped']:.0f}% of samples clipped; tolerance {ch['tol']:g}"
+        + (f", bf16 rows {ch['bf16_tol']:g}; an unclipped gradient is "
+           f"{ch['unclipped_vs_clipped']:.1e} from the clipped sum" if "bf16_tol" in ch else "") + "):",
         "",
         "| configuration | compared with | rel. error of grads | rel. error of norms | ok |",
         "|---|---|---:|---:|---|",
@@ -131,6 +133,17 @@ def check_table(r) -> list[str]:
         lines.append(f"| {CONFIGS[c].label} | {d['against']} | {d['rel_err']:.1e} | "
                      f"{_cell(d, 'norms_rel_err', '{:.1e}')} | {'yes' if d['ok'] else '**NO**'} |")
     return lines + [""]
+
+
+def device_note(r) -> list[str]:
+    """How a run on a device other than the CPU was measured."""
+    device = r.get("device", "cpu")
+    if device == "cpu":
+        return []
+    return [f"**Device: {device}.** Models and batches on it; the device is synchronized around every "
+            "timed step; the memory columns named RSS hold `torch.cuda.max_memory_allocated` (peak over "
+            "steps, minus the memory allocated before the first step), not RSS; the gradient check's "
+            "reference is float64 on the CPU, the checked float32 steps run without TF32.", ""]
 
 
 def summary(res) -> list[str]:
@@ -232,7 +245,7 @@ def plot(r, path: Path):
                 elif d.get("error"):
                     failed.add(c)
             if xs:
-                col, mk, ls = STYLE[c]
+                col, mk, ls = STYLE[c] if c in STYLE else (*STYLE[c.removesuffix("_bf16")][:2], ":")
                 face = "none" if ls == "--" else col  # eager variants: hollow markers, dashed
                 ax.plot(xs, ys, color=col, marker=mk, linestyle=ls, markerfacecolor=face,
                         label=CONFIGS[c].label)
@@ -352,4 +365,5 @@ def write_all(out_dir: Path, md_path: Path, tag: str = ""):
         parts += model_table(r) + [""]
         parts += check_table(r)
         parts += [f"![{m}]({rel})", ""]
+    parts[1:1] = device_note(any_r)  # after the header
     md_path.write_text("\n".join(parts))
