@@ -1,6 +1,6 @@
 """Private fine-tuning with transformers' Trainer: fxclip.huggingface.DPTrainer (no downloads).
 
-    pip install torch==2.13.0 -e ".[hf]" && python examples/hf_finetune.py   # a few minutes on 2 cores
+    pip install torch==2.13.0 -e ".[hf]" && python examples/hf_finetune.py   # minutes on 2 idle cores
 
 Text: docstrings that ship with installed packages. torch's are the "public" corpus a small
 GPT-2 (built from a config, byte-level tokens) is pre-trained on without privacy; numpy's are

@@ -27,6 +27,7 @@ import warnings
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 from transformers import Trainer, TrainingArguments
+from transformers.utils import is_datasets_available
 
 from ..accounting import epsilon_for, noise_multiplier_for
 from ..optim import DPOptimizer
@@ -153,13 +154,8 @@ class DPTrainer(Trainer):
             raise ValueError("Poisson sampling needs a dataset with a length and random access; "
                              "an IterableDataset cannot be Poisson-sampled")
         collator = self.data_collator
-        from transformers.utils import is_datasets_available
-        if is_datasets_available():
-            import datasets
-            if isinstance(dataset, datasets.Dataset):
-                dataset = self._remove_unused_columns(dataset, description="training")
-            else:
-                collator = self._get_collator_with_removed_columns(collator, description="training")
+        if _is_datasets_dataset(dataset):  # as the Trainer does: drop the columns forward() does not take
+            dataset = self._remove_unused_columns(dataset, description="training")
         else:
             collator = self._get_collator_with_removed_columns(collator, description="training")
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
@@ -273,6 +269,13 @@ class DPTrainer(Trainer):
             raise PrivacyError(f"{path} is missing: the checkpoint was not written by DPTrainer")
         mid_epoch = self.state.global_step % self._sampler.batches_per_epoch != 0 and not self.args.ignore_data_skip
         self._sampler.load_state_dict(torch.load(path, weights_only=True), mid_epoch=mid_epoch)
+
+
+def _is_datasets_dataset(dataset) -> bool:
+    if not is_datasets_available():
+        return False
+    import datasets
+    return isinstance(dataset, datasets.Dataset)
 
 
 def _refuse_unsupported_args(args: DPTrainingArguments) -> None:
