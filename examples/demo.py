@@ -54,12 +54,17 @@ def accuracy(model, x, y):
     return (model(x).argmax(1) == y).float().mean().item()
 
 
+def per_sample_loss(out, y):
+    return F.cross_entropy(out, y, reduction="none")
+
+
 def train_private(args, train, test):
     model = make_model(args.seed)
     pm, opt, loader = make_private(
         model, torch.optim.SGD(model.parameters(), lr=args.lr), DataLoader(train, batch_size=args.batch_size),
         target_epsilon=args.epsilon, target_delta=args.delta, epochs=args.epochs,
-        max_grad_norm=args.max_grad_norm, generator=torch.Generator().manual_seed(args.seed))
+        max_grad_norm=args.max_grad_norm, generator=torch.Generator().manual_seed(args.seed),
+        loss_fn=per_sample_loss)  # the loss is traced with the model and checked per sample
     step_model = torch.compile(pm)  # the clipping pass runs inside Inductor's joint graph
     clipped = seen = 0
     eps = 0.0
@@ -68,13 +73,11 @@ def train_private(args, train, test):
         for x, y in loader:
             opt.zero_grad()
             if len(y):  # an empty Poisson batch has no loss; step() still adds noise and counts
-                out = step_model(x)
-                loss = F.cross_entropy(out, y)
+                loss = step_model(x, target=y).mean()
                 loss.backward()
                 clipped += (pm.per_sample_norms > args.max_grad_norm).sum().item()
                 seen += len(y)
-                bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{(out.argmax(1) == y).float().mean():.2f}",
-                                eps=f"{eps:.2f}", refresh=False)
+                bar.set_postfix(loss=f"{loss.item():.3f}", eps=f"{eps:.2f}", refresh=False)
             opt.step()
             bar.update()
         eps = opt.epsilon(args.delta)  # once per epoch: accounting is cheap but not free
@@ -105,11 +108,11 @@ def train_plain(args, train, test):
     return model, step_model, opt
 
 
-def time_step(step_model, opt, x, y, n):
+def time_step(step_model, opt, x, y, n, private):
     """Seconds per full training step (zero_grad, forward, backward, optimizer step), warm."""
     def step():
         opt.zero_grad()
-        F.cross_entropy(step_model(x), y).backward()
+        (step_model(x, target=y).mean() if private else F.cross_entropy(step_model(x), y)).backward()
         opt.step()
 
     for _ in range(5):
@@ -135,8 +138,8 @@ def main():
     g = torch.Generator().manual_seed(args.seed)
     x = torch.rand(args.batch_size, 64, generator=g)
     y = torch.randint(0, 10, (args.batch_size,), generator=g)
-    t_private = time_step(private_step, dp_opt, x, y, args.timing_steps)
-    t_plain = time_step(plain_step, plain_opt, x, y, args.timing_steps)
+    t_private = time_step(private_step, dp_opt, x, y, args.timing_steps, private=True)
+    t_plain = time_step(plain_step, plain_opt, x, y, args.timing_steps, private=False)
 
     print()
     print(f"digits: {len(train)} train / {len(test[1])} test images, {args.epochs} epochs, "

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import pathlib
 import types
+import warnings
 
 from .passes import _torch, rewrite_joint_graph
 
@@ -23,9 +24,24 @@ def _pass_version() -> str:
     return "fxclip-" + digest.hexdigest()[:16]
 
 
+UNCHECKED_LOSS = (
+    "fxclip: the loss of this privatized model is computed outside it, where nothing checks that "
+    "it keeps samples apart (a contrastive or batch-centered loss would break the privacy "
+    "guarantee without an error). Pass loss_fn=(output, target) -> per-sample losses to "
+    "fxclip.privatize and call pm(x, target=y): the loss is then traced and checked with the model."
+)
+
+
+def _warn_if_unchecked(report) -> None:
+    if not report.loss_checked:
+        warnings.warn(UNCHECKED_LOSS, stacklevel=2)
+
+
 def _inductor_pass(graph) -> None:
     report = rewrite_joint_graph(graph)
     if report is not None:
+        if report.param_names() not in compiled_reports:  # once per privatized model
+            _warn_if_unchecked(report)
         compiled_reports[report.param_names()] = report
 
 
@@ -52,6 +68,9 @@ def compile_eager(owner, method: str):
     def joint_pass(graph):
         report = rewrite_joint_graph(graph)
         if report is not None:
+            if not owner._loss_warned:  # once per privatized module
+                _warn_if_unchecked(report)
+                owner._loss_warned = True
             owner._eager_report = report
 
     return _torch.compile_with_backend(own_code(owner, method), _torch.aot_eager_backend(joint_pass))

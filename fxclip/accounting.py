@@ -142,7 +142,19 @@ class Accountant:
         self.history: list[tuple[float, float, int]] = []
         self._cache: dict = {}
 
-    def step(self, noise_multiplier: float, sample_rate: float, steps: int = 1) -> None:
+    def step(self, noise_multiplier: float, sample_rate: float, steps: int = 1, *,
+             extra_noise_multipliers: Iterable[float] = ()) -> None:
+        """Record `steps` steps. `extra_noise_multipliers`: other Gaussian releases of the same
+        batch in each step (each with sensitivity 1 in its own units, e.g. adaptive clipping's
+        noised count). Gaussian mechanisms on the same sample compose exactly into one Gaussian
+        with 1/sigma^2 = sum_k 1/sigma_k^2 (a Gaussian mechanism on the stacked query), which is
+        the event recorded."""
+        extra = [float(z) for z in extra_noise_multipliers]
+        if extra:
+            if not all(z > 0 and math.isfinite(z) for z in [noise_multiplier, *extra]):
+                raise ValueError(f"noise multipliers must be positive and finite, got "
+                                 f"{[noise_multiplier, *extra]}")
+            noise_multiplier = sum(z ** -2 for z in [noise_multiplier, *extra]) ** -0.5
         _check_step(noise_multiplier, sample_rate, steps)
         if self.history and self.history[-1][:2] == (noise_multiplier, sample_rate):
             s, q, n = self.history[-1]

@@ -192,6 +192,7 @@ def explain(model: nn.Module, *example_inputs, max_grad_norm: float | None = Non
 
     work = copy.deepcopy(inner)
     pm = privatize(work, max_grad_norm=max_grad_norm, loss_reduction=loss_reduction)
+    pm._loss_warned = True  # the report below says whether the loss is checked: no warning too
     batch = next((x.shape[0] for x in tree_leaves(example_inputs)
                   if isinstance(x, torch.Tensor) and x.dim() > 0), 1)
     with torch.random.fork_rng(), torch.enable_grad():
@@ -523,7 +524,11 @@ class Explanation:
 
     def __str__(self) -> str:
         head = (f"fxclip explain: {self.model_class}, batch size {self.report.batch_size}, "
-                f"max_grad_norm={self.max_grad_norm}, loss_reduction={self.loss_reduction}")
+                f"max_grad_norm={self.max_grad_norm}, loss_reduction={self.loss_reduction}\n"
+                + ("loss: checked (loss_fn traced with the model; only a sum/mean may follow)"
+                   if self.report.loss_checked else
+                   "loss: unchecked (computed outside the privatized model: pass loss_fn= to "
+                   "fxclip.privatize to prove it keeps samples apart)"))
         cols = ["parameter", "module", "op", "rule", "strategy", "decided by", "+FLOPs", "+memory", "uses"]
         table = []
         for row in self.rows():

@@ -26,6 +26,11 @@ def make_private(
     generator: torch.Generator | None = None,
     secure_rng: bool = False,
     accountant: str = "rdp",
+    loss_fn=None,
+    grad_scaler=None,
+    pad_to_multiple: int | None = None,
+    adaptive_clipping=None,
+    nonfinite: str = "refuse",
 ):
     """Returns (privatized module, DPOptimizer, data loader) ready for DP-SGD.
 
@@ -37,6 +42,12 @@ def make_private(
     q = data_loader.batch_size / len(dataset) and expected batch size data_loader.batch_size;
     an epoch is round(1/q) batches. `generator` seeds both the sampling and the noise (tests,
     experiments); real deployments should use secure_rng=True for the noise.
+
+    loss_fn(output, target) -> per-sample losses (B,): the loss is traced with the model and
+    checked (see fxclip.privatize); train with `pm(x, target=y).mean()` (or .sum() for
+    loss_reduction="sum"). grad_scaler: the GradScaler of an fp16 loop. pad_to_multiple=k pads
+    every Poisson batch to a multiple of k rows with weight-0 rows (fixed shapes for compiled
+    and CUDA graphs; same update). adaptive_clipping: an fxclip.AdaptiveClipping.
 
     poisson_sampling=False keeps `data_loader` as is. The accountant still assumes Poisson
     sampling, so epsilon is then a heuristic, not a guarantee.
@@ -68,8 +79,13 @@ def make_private(
     n = len(data_loader.dataset)
     sample_rate = batch_size / n
 
+    if pad_to_multiple is not None and not poisson_sampling:
+        raise ValueError("pad_to_multiple pads Poisson batches: it needs poisson_sampling=True")
+    pm = privatize(model, max_grad_norm=max_grad_norm, loss_reduction=loss_reduction, loss_fn=loss_fn,
+                   grad_scaler=grad_scaler, nonfinite=nonfinite)
     if poisson_sampling:
-        loader = PoissonDataLoader.from_data_loader(data_loader, generator=generator)
+        loader = PoissonDataLoader.from_data_loader(data_loader, generator=generator,
+                                                    pad_to_multiple=pad_to_multiple, privatized_module=pm)
     else:
         loader = data_loader
 
@@ -80,9 +96,8 @@ def make_private(
         noise_multiplier = noise_multiplier_for(target_epsilon, target_delta, sample_rate, steps,
                                                 mechanism=accountant)
 
-    pm = privatize(model, max_grad_norm=max_grad_norm, loss_reduction=loss_reduction)
     opt = DPOptimizer(optimizer, pm, noise_multiplier=noise_multiplier, expected_batch_size=batch_size,
                       sample_rate=sample_rate, generator=None if secure_rng else generator,
-                      secure_rng=secure_rng,
-                      accountant=Accountant(accountant))
+                      secure_rng=secure_rng, accountant=Accountant(accountant),
+                      adaptive_clipping=adaptive_clipping)
     return pm, opt, loader

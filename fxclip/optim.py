@@ -23,6 +23,9 @@ import torch
 from torch import nn
 
 from .accounting import Accountant
+from .passes import PrivacyError, _torch
+from .passes.ops import STATE_FIELDS
+from .privatize import BAD_REDUCTION
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -54,6 +57,28 @@ def _privatized_parts(module: nn.Module) -> list:
         if _is_privatized(sub) and not any(sub in set(p.modules()) for p in parts):
             parts.append(sub)
     return parts
+
+
+UNKNOWN_SCALER = (
+    "this step comes from a GradScaler that fxclip was not told about: the backward was scaled, "
+    "so every per-sample gradient was clipped at the scaled threshold and the update would be "
+    "wrong. No parameter changed. Connect the scaler: fxclip.privatize(model, ..., "
+    "grad_scaler=scaler) or fxclip.make_private(..., grad_scaler=scaler)."
+)
+SCALER_NOT_STEPPING = (
+    "the privatized module is connected to a GradScaler, so its gradients are scaled: call "
+    "scaler.step(optimizer) (then scaler.update()), not optimizer.step(). No parameter changed."
+)
+NO_BACKWARD = (
+    "a parameter has a gradient but the privatized module recorded no backward since the last "
+    "step: was the loss computed through the privatized module (pm(x), not model(x))? No "
+    "parameter changed."
+)
+
+
+def _module_bound(parts) -> float:
+    """A sample's whole clipped gradient has norm <= sqrt(sum over privatized parts of C_b^2)."""
+    return math.sqrt(sum(p.max_grad_norm ** 2 for p in parts))
 
 
 def secure_normal(shape, *, dtype=torch.float64) -> torch.Tensor:
@@ -95,6 +120,8 @@ class DPOptimizer(torch.optim.Optimizer):
         secure_rng: draw the noise from the operating system's CSPRNG (os.urandom) instead;
             use this for real deployments. Slower (CPU, 16 bytes per coordinate); no seeding.
         accountant: an fxclip.accounting.Accountant, or "rdp" (default) / "pld".
+        adaptive_clipping: an fxclip.AdaptiveClipping: the threshold follows a quantile of the
+            norms; its noised count is accounted with the gradient (noise_multiplier is the total).
 
     Gradient accumulation: call backward on several micro-batches, then step() once. The noise
     is added once and the accountant counts one step per step() call (a logical batch).
@@ -109,6 +136,11 @@ class DPOptimizer(torch.optim.Optimizer):
     checkpoint would reveal the noise): reseed, or better use secure_rng, after resuming.
     """
 
+    # GradScaler.step() then calls step() with the scale and its inf check set as attributes
+    # (grad_scale, found_inf) instead of unscaling and skipping on its own: fxclip must see
+    # scaled steps, to refuse one whose scaler it was not told about.
+    _step_supports_amp_scaling = True
+
     def __init__(
         self,
         optimizer: torch.optim.Optimizer,
@@ -122,6 +154,7 @@ class DPOptimizer(torch.optim.Optimizer):
         generator: torch.Generator | None = None,
         secure_rng: bool = False,
         accountant: Accountant | str = "rdp",
+        adaptive_clipping=None,
     ):
         if isinstance(optimizer, DPOptimizer):
             raise TypeError("optimizer is already a DPOptimizer; wrap the plain torch optimizer")
@@ -134,16 +167,14 @@ class DPOptimizer(torch.optim.Optimizer):
         if len({p.loss_reduction for p in parts}) > 1:
             raise ValueError("the privatized blocks disagree on loss_reduction")
         pm = parts[0] if len(parts) == 1 else _unwrap(privatized_module)
-        # several privatized blocks: a sample's whole gradient has norm <= sqrt(sum_b C_b^2)
-        module_bound = math.sqrt(sum(p.max_grad_norm ** 2 for p in parts))
+        module_bound = _module_bound(parts)
         module_reduction = parts[0].loss_reduction
         if noise_multiplier is None or not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
             raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}")
         if isinstance(expected_batch_size, bool) or not isinstance(expected_batch_size, int) \
                 or expected_batch_size <= 0:
             raise ValueError(f"expected_batch_size must be a positive int, got {expected_batch_size!r}")
-        max_grad_norm = module_bound if max_grad_norm is None else float(max_grad_norm)
-        if max_grad_norm < module_bound * (1 - 1e-12):
+        if max_grad_norm is not None and float(max_grad_norm) < module_bound * (1 - 1e-12):
             raise ValueError(f"max_grad_norm={max_grad_norm} is smaller than the module's clipping "
                              f"bound {module_bound}: the noise would not cover the sensitivity")
         loss_reduction = module_reduction if loss_reduction is None else loss_reduction
@@ -167,7 +198,7 @@ class DPOptimizer(torch.optim.Optimizer):
         self.module = pm
         self.noise_multiplier = float(noise_multiplier)
         self.expected_batch_size = expected_batch_size
-        self.max_grad_norm = max_grad_norm
+        self._noise_bound = None if max_grad_norm is None else float(max_grad_norm)
         self.loss_reduction = loss_reduction
         self.sample_rate = sample_rate
         self.generator = generator
@@ -179,8 +210,12 @@ class DPOptimizer(torch.optim.Optimizer):
         self._zero_grad_profile_name = "DPOptimizer.zero_grad"
         self._steps = 0
         self.last_batch_size = None
-        self._reset_batch()
+        self.last_micro_batches = None
+        self.skipped_steps = 0  # steps a GradScaler skipped for overflow (still accounted)
         self._parts = parts
+        self.adaptive_clipping = adaptive_clipping
+        if adaptive_clipping is not None:
+            adaptive_clipping.attach(self)
         self._hooks = [p.register_hook(functools.partial(self._part_to_sum, owner[id(p)]))
                        for p in self._params]
 
@@ -192,32 +227,33 @@ class DPOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group):
         raise NotImplementedError("add parameter groups to the inner optimizer before wrapping it")
 
-    # --- the per-backward rescale ---
-    def _reset_batch(self):
-        self.batch_size = 0  # samples in the current logical batch (sum over micro-batches)
-        self.micro_batches = 0
-        self._seen = {}  # privatized part -> norms of its latest backward
-        self._counted = {}  # privatized part -> (samples, backwards) seen in this logical batch
+    @property
+    def max_grad_norm(self) -> float:
+        """C of the noise N(0, sigma^2 C^2): the one given, or the module's current clipping bound
+        (thresholds are runtime values: a changed pm.max_grad_norm is followed)."""
+        return _module_bound(self._parts) if self._noise_bound is None else self._noise_bound
 
-    def _to_sum(self, grad: torch.Tensor) -> torch.Tensor:
-        return self._part_to_sum(self.module, grad)
+    # --- the per-backward rescale ---
+    @property
+    def batch_size(self) -> int:
+        """Real samples in the current logical batch (summed over micro-batches). Reads the
+        device state: a host sync."""
+        return self._pending("samples")
+
+    @property
+    def micro_batches(self) -> int:
+        """Backward passes in the current logical batch (a host sync)."""
+        return self._pending("backwards")
+
+    def _pending(self, field: str) -> int:
+        # privatized blocks of one model all see the same samples: count them once
+        return int(max(part.read_state()[field] for part in self._parts))
 
     def _part_to_sum(self, part, grad: torch.Tensor) -> torch.Tensor:
-        norms = part.per_sample_norms
-        if norms is None:
-            raise RuntimeError("a parameter got a gradient but the privatized module recorded no "
-                               "per-sample norms: was the loss computed through the privatized module?")
-        if norms is not self._seen.get(part):  # first hook of a new backward: count its samples once
-            self._seen[part] = norms
-            b, n = self._counted.get(part, (0, 0))
-            self._counted[part] = (b + norms.shape[0], n + 1)
-            # privatized blocks of one model all see the same samples: count them once
-            self.batch_size = max(v[0] for v in self._counted.values())
-            self.micro_batches = max(v[1] for v in self._counted.values())
         if part.loss_reduction == "mean":
-            b = norms.shape[0]
-            # the module divided by this backward's own B; undo it (an empty batch adds nothing)
-            return grad * b if b > 0 else torch.zeros_like(grad)
+            # the module divided by this backward's own B (padding rows included): undo it, on
+            # the device (an empty batch's gradient is zero already)
+            return grad * part.batch_size_tensor().to(grad.dtype)
         return grad
 
     # --- the DP step ---
@@ -250,20 +286,99 @@ class DPOptimizer(torch.optim.Optimizer):
                 loss = closure()
         for hook in list(self._optimizer_step_pre_hooks.values()):
             hook(self, (), {})
+        # a GradScaler whose step() called this one set these (optimizers that declare
+        # _step_supports_amp_scaling get the scale and the inf check instead of being skipped)
+        scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        state = self._take_state(found_inf)
+        if not self._checked(state, found_inf):
+            self._count_step()  # the data was touched: an overflow-skipped step still spends epsilon
+            self.skipped_steps += 1
+            return loss
+        if scale is not None:  # the scaler has not unscaled yet: do it here
+            inv = scale.double().reciprocal().float()
+            for p in self._params:
+                if p.grad is not None:
+                    p.grad.mul_(inv.to(p.grad.device, p.grad.dtype))
         self.add_noise()
-        self._steps += 1
-        if self.sample_rate is not None:
-            self.accountant.step(self.noise_multiplier, self.sample_rate)
-        self.last_batch_size = self.batch_size
-        self._reset_batch()
+        self._count_step()
+        if self.adaptive_clipping is not None:
+            self.adaptive_clipping.update(self, state["unclipped"])
         self.original_optimizer.step()
         for hook in list(self._optimizer_step_post_hooks.values()):
             hook(self, (), {})
         return loss
 
+    def _take_state(self, found_inf) -> dict:
+        """What the backwards since the last step recorded, over the privatized parts, with
+        the scaler's inf flag: ONE host sync per step. Resets the parts' counts."""
+        device = self._parts[0]._fxclip_state.device
+        flags = [] if found_inf is None else [found_inf.reshape(1).to(device, torch.float32)]
+        values = torch.cat([p._fxclip_state.to(device) for p in self._parts] + flags).tolist()
+        width = len(STATE_FIELDS)
+        states = [dict(zip(STATE_FIELDS, values[i * width:(i + 1) * width]))
+                  for i in range(len(self._parts))]
+        for part in self._parts:
+            part.reset_state()
+        merged = {k: max(s[k] for s in states) for k in states[0]}
+        merged["found_inf"] = values[-1] if found_inf is not None else 0.0
+        # privatized blocks of one model all see the same samples: count them once
+        self.last_batch_size = int(merged["samples"])
+        self.last_micro_batches = int(merged["backwards"])
+        return merged
+
+    def _checked(self, state: dict, found_inf) -> bool:
+        """Refuse (PrivacyError, no parameter changed) what the backwards flagged; False for a
+        step to skip because a connected GradScaler overflowed."""
+        scalers = {id(p.grad_scaler): p.grad_scaler for p in self._parts
+                   if p.grad_scaler is not None and p.grad_scaler.is_enabled()}
+        refuse = None
+        if found_inf is not None and not scalers:
+            refuse = UNKNOWN_SCALER
+        elif scalers and found_inf is None:
+            refuse = SCALER_NOT_STEPPING
+        elif state["bad_seed"] > 0:
+            refuse = BAD_REDUCTION.format(reduction=self._parts[0].loss_reduction)
+        elif state["backwards"] == 0 and any(p.grad is not None for p in self._params):
+            refuse = NO_BACKWARD
+        elif self._noise_bound is not None and self._noise_bound < _module_bound(self._parts) * (1 - 1e-12):
+            refuse = (f"the noise threshold max_grad_norm={self._noise_bound} is now below the "
+                      f"module's clipping bound {_module_bound(self._parts)}: the noise would not "
+                      "cover the sensitivity. Lower pm.max_grad_norm or raise the optimizer's.")
+        if refuse is not None:
+            self._discard_grads()
+            raise PrivacyError(refuse)
+        if scalers and (state["nonfinite"] > 0 or state["found_inf"] > 0):
+            # fp16 overflow: skip the step as GradScaler does, and make its update() lower the scale
+            for scaler in scalers.values():
+                _torch.report_overflow_to_scaler(scaler, self, torch.ones(()))
+            self._discard_grads()
+            return False
+        refusing = [p for p in self._parts if p.nonfinite == "refuse"]
+        if state["nonfinite"] > 0 and refusing:
+            self._discard_grads()
+            raise PrivacyError(refusing[0].nonfinite_message(state))
+        return True
+
+    def _discard_grads(self) -> None:
+        for p in self._params:
+            p.grad = None
+
+    def _count_step(self) -> None:
+        self._steps += 1
+        if self.sample_rate is not None:
+            self.accountant.step(self.noise_multiplier, self.sample_rate,
+                                 extra_noise_multipliers=self._extra_noise_multipliers())
+
+    def _extra_noise_multipliers(self) -> tuple:
+        """Other Gaussian releases of each step's batch (adaptive clipping's noised count)."""
+        if self.adaptive_clipping is None:
+            return ()
+        return (self.adaptive_clipping.count_noise_multiplier,)
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.original_optimizer.zero_grad(set_to_none=set_to_none)
-        self._reset_batch()
+        for part in self._parts:  # a discarded backward's counts and flags go too (no sync)
+            part.reset_state()
 
     # --- accounting and checkpoints ---
     @property
@@ -284,6 +399,7 @@ class DPOptimizer(torch.optim.Optimizer):
             "accountant": self.accountant.state_dict(),
             "noise_multiplier": self.noise_multiplier,
             "max_grad_norm": self.max_grad_norm,
+            "module_max_grad_norms": [p.max_grad_norm for p in self._parts],
             "expected_batch_size": self.expected_batch_size,
             "sample_rate": self.sample_rate,
             "steps": self._steps,
@@ -296,6 +412,9 @@ class DPOptimizer(torch.optim.Optimizer):
         self.original_optimizer.load_state_dict(state_dict["optimizer"])
         self.accountant.load_state_dict(state_dict["accountant"])
         self._steps = int(state_dict["steps"])
+        # adaptive clipping moved the thresholds: a resumed run goes on from where it stopped
+        for part, c in zip(self._parts, state_dict.get("module_max_grad_norms", [])):
+            part.max_grad_norm = c
 
     def remove_hooks(self) -> None:
         """Detach from the parameters (after which their grads are the module's plain output)."""

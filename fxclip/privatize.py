@@ -8,16 +8,17 @@ executes the rewritten graph without code generation. Either way, one backward.
 from __future__ import annotations
 
 import enum
+import math
 
 import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from . import _compile
-from .passes import PrivacyError, ops
+from .passes import PrivacyError, _torch, ops
 
 LOSS_REDUCTIONS = ("mean", "sum")
-NONFINITE = ("refuse", "drop")
+NONFINITE_POLICIES = ("refuse", "drop")
 
 # Non-tensor inputs taken as constants shared by every sample (flags, sizes, names).
 _CONSTANTS = (type(None), bool, int, float, complex, str, torch.dtype, torch.device, enum.Enum, slice,
@@ -35,20 +36,118 @@ class PrivatizedModule(nn.Module):
     """`model` with per-sample clipped gradients; shares the model's parameters and buffers."""
 
     def __init__(self, model: nn.Module, max_grad_norm: float, loss_reduction: str, clipping="flat",
-                 nonfinite: str = "refuse"):
+                 nonfinite: str = "refuse", loss_fn=None, grad_scaler=None):
         super().__init__()
         self.module = model
-        self.max_grad_norm = float(max_grad_norm)
         self.loss_reduction = loss_reduction
         self.clipping = clipping
         self.nonfinite = nonfinite
+        self.loss_fn = loss_fn
+        self.grad_scaler = grad_scaler
+        self._scaled = grad_scaler is not None and grad_scaler.is_enabled()
         self._group_of = _clipping_groups(model, clipping)
-        # Identifies this module's norms in the graph without baking a constant into it, so
-        # privatized copies of one model class share compiled graphs.
-        self.register_buffer("_fxclip_token", torch.zeros(1), persistent=False)
+        self._labels = list(dict.fromkeys(self._group_of.values()))
+        device = _device_of(model)
+        # Runtime values the graph reads and writes on the device (non-persistent: not in
+        # state_dict). Tensors, not Python numbers, so that changing them never recompiles.
+        self.register_buffer("_fxclip_state", ops.new_state(device), persistent=False)
+        self.register_buffer("_fxclip_thresholds", torch.zeros(len(self._labels), dtype=torch.float64,
+                                                                device=device), persistent=False)
+        self._limits = [0.0] * len(self._labels)  # host copy of the thresholds: no sync to read
+        self.max_grad_norm = max_grad_norm
         self._eager = None
         self._eager_report = None
+        self._loss_warned = False  # the unchecked-loss warning was given (eager path)
         self.forward = _compile.own_code(self, "forward")
+
+    # --- the clipping threshold: a runtime value ---
+    @property
+    def max_grad_norm(self) -> float:
+        """The bound C on every sample's whole clipped gradient: sqrt(sum of C_g^2) over the
+        clipping groups holding trainable parameters (for flat clipping, the threshold itself).
+        Assigning C sets every group to C / sqrt(G); it takes effect at the next backward, eager
+        or compiled, without a recompile."""
+        return math.sqrt(sum(self._limits[i] ** 2 for i in self._trainable_groups()))
+
+    @max_grad_norm.setter
+    def max_grad_norm(self, value: float) -> None:
+        _check_threshold(value)
+        share = float(value) / max(len(self._trainable_groups()), 1) ** 0.5
+        self._set_limits([share] * len(self._labels))
+
+    @property
+    def group_max_grad_norms(self) -> dict:
+        """{clipping group: its threshold C_g}; assign a dict (some or all groups) to change them."""
+        return dict(zip(self._labels, self._limits))
+
+    @group_max_grad_norms.setter
+    def group_max_grad_norms(self, values: dict) -> None:
+        unknown = sorted(map(str, set(values) - set(self._labels)))
+        if unknown:
+            raise ValueError(f"unknown clipping groups {unknown}; the groups are {self._labels}")
+        for v in values.values():
+            _check_threshold(v)
+        self._set_limits([float(values.get(g, c)) for g, c in zip(self._labels, self._limits)])
+
+    def _set_limits(self, limits: list) -> None:
+        self._limits = limits
+        with torch.no_grad():
+            self._fxclip_thresholds.copy_(torch.tensor(limits, dtype=torch.float64))
+
+    def _trainable_groups(self) -> list:
+        index = {g: i for i, g in enumerate(self._labels)}
+        return sorted({index[self._group_of[n]] for n, p in self.module.named_parameters()
+                       if p.requires_grad})
+
+    # --- what the backward recorded (device state; reading it syncs, so the graph never does) ---
+    def read_state(self) -> dict:
+        """The device state as Python numbers (one host sync): counts since the last reset."""
+        return dict(zip(ops.STATE_FIELDS, self._fxclip_state.tolist()))
+
+    def reset_state(self) -> None:
+        """Zero the counts and flags (the optimizer does this after each step)."""
+        with torch.no_grad():
+            for name in ops.CUMULATIVE:
+                self._fxclip_state[ops.STATE[name]] = 0.0
+
+    def set_valid_rows(self, rows: float) -> None:
+        """Only the first `rows` rows of the coming batches are real samples; the others are
+        padding and get weight exactly 0 (float("inf"): every row is real)."""
+        with torch.no_grad():
+            self._fxclip_state[ops.STATE["valid_rows"]] = float(rows)
+
+    def check_step(self) -> dict:
+        """Raise PrivacyError if a backward since the last check gave a sample an inf/NaN
+        gradient (nonfinite="refuse") or met a loss reduction other than the declared sum/mean
+        (loss_fn); then reset. Returns the state read. DPOptimizer.step() calls it: without
+        DPOptimizer, call it yourself before optimizer.step()."""
+        state = self.read_state()
+        self.reset_state()
+        if state["bad_seed"] > 0:
+            raise PrivacyError(BAD_REDUCTION.format(reduction=self.loss_reduction))
+        if state["nonfinite"] > 0 and self.nonfinite == "refuse":
+            raise PrivacyError(self.nonfinite_message(state))
+        return state
+
+    def nonfinite_message(self, state: dict) -> str:
+        norms = self.per_sample_norms
+        rows = [] if norms is None else (~torch.isfinite(norms)).nonzero().flatten().tolist()
+        return NONFINITE.format(count=int(state["nonfinite"]), rows=rows)
+
+    @property
+    def per_sample_norms(self) -> torch.Tensor | None:
+        """Per-sample gradient norms n_i of the latest backward (padding rows left out), or None
+        before the first backward."""
+        state = self.read_state()
+        if state["backwards"] == 0 and state["batch_size"] == 0:
+            return None
+        rows = int(state["batch_size"])
+        store = ops.norm_store(self._fxclip_state, rows)
+        return None if store is None else store[:int(min(rows, state["valid_rows"]))].clone()
+
+    def batch_size_tensor(self) -> torch.Tensor:
+        """Rows of the latest backward (padding included), on the device: no sync."""
+        return self._fxclip_state[ops.STATE["batch_size"]]
 
     @property
     def last_report(self):
@@ -61,13 +160,11 @@ class PrivatizedModule(nn.Module):
         names = frozenset(n for n, p in self.module.named_parameters() if p.requires_grad)
         return _compile.compiled_reports.get(names)
 
-    @property
-    def per_sample_norms(self) -> torch.Tensor | None:
-        """Per-sample gradient norms n_i of the latest backward (detached)."""
-        return ops.last_norms.get(self._fxclip_token.data_ptr())
-
     def forward(self, *args, **kwargs):
         if not self._needs_clipping():
+            if self.loss_fn is not None and "target" in kwargs:
+                target = kwargs.pop("target")
+                return self.loss_fn(self.module(*args, **kwargs), target)
             return self.module(*args, **kwargs)
         compiling = _compile.is_compiling()
         # under torch.compile, batch sizes are compared in the graph pass (no shape guards here)
@@ -94,31 +191,42 @@ class PrivatizedModule(nn.Module):
         return torch.is_grad_enabled() and any(p.requires_grad for p in self.module.parameters())
 
     def _marked_forward(self, *args, **kwargs):
+        checked = self.loss_fn is not None and "target" in kwargs
+        target = kwargs.pop("target") if checked else None
         named = list(self.module.named_parameters())
         names = [n for n, p in named if p.requires_grad]
         params = [p for n, p in named if p.requires_grad]
         frozen = [n for n, p in named if not p.requires_grad]
-        groups, thresholds = self._group_spec(names)
-        spec = (self._fxclip_token, "\n".join(names), "\n".join(frozen), groups, thresholds,
-                self.loss_reduction == "mean", self.nonfinite)
-        args, kwargs = tree_map(_mark_input, (args, kwargs))
+        spec = (self._fxclip_state, self._fxclip_thresholds, self._loss_scale(), "\n".join(names),
+                "\n".join(frozen), self._group_spec(names), self.loss_reduction == "mean", checked)
+        args, kwargs, target = tree_map(_mark_input, (args, kwargs, target))
         out = self.module(*args, **kwargs)
-        return tree_map(lambda y: ops.batch_output(y, params, *spec) if _is_float(y) else y,
-                        out)
+        if checked:  # the pass checks that these are per-sample losses (B,)
+            out = self.loss_fn(out, target)
+        return tree_map(lambda y: ops.batch_output(y, params, *spec) if _is_float(y) else y, out)
+
+    def _loss_scale(self) -> torch.Tensor:
+        """S of the connected GradScaler, read on the device each step; else 1."""
+        if self._scaled:
+            return _torch.grad_scaler_scale(self.grad_scaler)
+        return self._fxclip_state.new_ones(())
+
+    def _group_spec(self, names) -> str:
+        """Each trainable parameter's clipping group (an index into the thresholds)."""
+        index = {g: i for i, g in enumerate(self._labels)}
+        return ",".join(str(index[self._group_of[n]]) for n in names)
 
 
-    def _group_spec(self, names):
-        """Group index of each trainable parameter and each group's threshold C_g, as strings.
+def _device_of(model: nn.Module):
+    for t in list(model.parameters()) + list(model.buffers()):
+        return t.device
+    return None
 
-        C_g = C / sqrt(G) over the G groups holding trainable parameters, so that
-        sqrt(sum_g C_g^2) = C: the whole gradient of a sample still has norm at most C.
-        """
-        index: dict = {}
-        for n in names:
-            index.setdefault(self._group_of[n], len(index))
-        threshold = self.max_grad_norm / max(len(index), 1) ** 0.5
-        groups = ",".join(str(index[self._group_of[n]]) for n in names)
-        return groups, ",".join([repr(threshold)] * len(index))
+
+def _check_threshold(value) -> None:
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+            and math.isfinite(value)):
+        raise ValueError(f"max_grad_norm must be a positive number, got {value!r}")
 
 
 def _clipping_groups(model: nn.Module, clipping) -> dict:
@@ -190,6 +298,21 @@ def _check_inputs(args, kwargs, check_sizes: bool) -> None:
             "of samples; pass shared tensors (masks, tables) as module buffers instead.")
 
 
+NONFINITE = (
+    "{count} sample(s) since the last step had a non-finite gradient (inf or NaN; rows {rows} of "
+    "the latest batch), so no clipped "
+    "gradient exists for them; the step was refused and no parameter changed. Find the cause "
+    "(e.g. log(0) in the loss, float16 overflow without a GradScaler connected to fxclip, a too "
+    "large learning rate), or pass nonfinite=\"drop\" to give such samples zero weight."
+)
+BAD_REDUCTION = (
+    "the gradient arriving at the per-sample losses was not the same for every sample as "
+    "losses.{reduction}() gives (loss_reduction={reduction!r}): the loss outside the privatized "
+    "module weighted or mixed the samples (or scaled the loss), which breaks the sensitivity bound "
+    "the noise relies on. The step was refused and no parameter changed. Reduce the per-sample "
+    "losses with exactly losses.{reduction}() (scale the learning rate, not the loss; for fp16 "
+    "connect the GradScaler with privatize(..., grad_scaler=scaler))."
+)
 class _NoDoubleBackward(torch.autograd.Function):
     """Identity on a model output whose backward refuses create_graph=True (eager path)."""
 
@@ -205,19 +328,30 @@ class _NoDoubleBackward(torch.autograd.Function):
 
 
 def privatize(model: nn.Module, *, max_grad_norm: float, loss_reduction: str = "mean",
-              clipping="flat", nonfinite: str = "refuse") -> PrivatizedModule:
+              clipping="flat", nonfinite: str = "refuse", loss_fn=None,
+              grad_scaler=None) -> PrivatizedModule:
     """Return a module whose backward adds `sum_i R_i grad_i` to each trainable parameter's
     .grad (divided by B for loss_reduction="mean"), R_i = min(1, C / (||grad_i|| + 1e-6)).
 
     Use it eagerly or under torch.compile (default Inductor backend); batch dimension 0 on
     every input and output. clipping="flat" clips the norm over all parameters; "per_layer"
     (one group per module) or a list of lists of parameter names clips each group g on its
-    own to C_g = C / sqrt(number of groups).
+    own to C_g = C / sqrt(number of groups). `pm.max_grad_norm = C` changes the threshold at
+    the next backward without recompiling.
 
-    nonfinite: a sample whose gradient is inf/NaN has no clipped gradient. "refuse" (default)
-    raises PrivacyError in backward and leaves every .grad unchanged; "drop" gives that sample
-    R = 0 and keeps its inf/NaN out of every reweighted gradient, so .grad holds the clipped
-    sum over the other samples (a PrivacyError still guards .grad against any that get through).
+    loss_fn(output, target) -> per-sample losses (B,): then `pm(x, target=y)` returns the
+    per-sample losses, traced with the model, so a loss that mixes samples is refused like any
+    mixing op; only `losses.sum()` / `losses.mean()` (as loss_reduction says) may follow, which
+    the backward checks. Without loss_fn the loss computed outside is unchecked (a warning says so).
+
+    nonfinite: a sample whose gradient is inf/NaN gets weight 0 in the backward (its values
+    never reach .grad). "refuse" (default) makes the optimizer step raise PrivacyError and
+    change no parameter (DPOptimizer.step(), or pm.check_step() before your own optimizer's
+    step); "drop" trains on the clipped sum over the other samples.
+
+    grad_scaler: the torch.amp.GradScaler of an fp16 loop: its scale S is read on the device at
+    every backward and the scaled gradient clipped at S*C, so after unscale_ the gradients and
+    per_sample_norms are those of the unscaled step.
 
     The model keeps its parameters and buffers (the same objects); pm.state_dict() has the
     model's keys; fxclip.unprivatize(pm) returns the model.
@@ -226,16 +360,20 @@ def privatize(model: nn.Module, *, max_grad_norm: float, loss_reduction: str = "
         raise TypeError(f"privatize expects an nn.Module, got {type(model).__name__}")
     if isinstance(model, PrivatizedModule):
         raise PrivacyError("this model is already privatized; pass the inner model (pm.module)")
-    if not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
-        raise ValueError(f"max_grad_norm must be a positive number, got {max_grad_norm!r}")
+    _check_threshold(max_grad_norm)
     if loss_reduction not in LOSS_REDUCTIONS:
         raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
-    if nonfinite not in NONFINITE:
+    if nonfinite not in NONFINITE_POLICIES:
         raise ValueError(f"nonfinite must be 'refuse' or 'drop', got {nonfinite!r}")
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable (output, target) -> per-sample losses, got {loss_fn!r}")
+    if grad_scaler is not None:
+        _torch.check_grad_scaler(grad_scaler, _device_of(model))
     _refuse_unsupported_modules(model)
     _compile.install()
     _compile.trace_recurrent_modules(model)
-    return PrivatizedModule(model, max_grad_norm, loss_reduction, clipping, nonfinite)
+    return PrivatizedModule(model, max_grad_norm, loss_reduction, clipping, nonfinite, loss_fn,
+                            grad_scaler)
 
 
 def _refuse_unsupported_modules(model: nn.Module) -> None:

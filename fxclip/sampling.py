@@ -72,10 +72,17 @@ class PoissonDataLoader(DataLoader):
     `batch_size` here is the EXPECTED batch size q * len(dataset) (kept as an attribute for
     DPOptimizer; the DataLoader machinery itself sees only the batch sampler). Seed it with
     `generator`. Other DataLoader options (num_workers, collate_fn, pin_memory, ...) pass through.
+
+    pad_to_multiple=k: every batch is padded with zero rows to a multiple of k rows (an empty
+    batch to k), so compiled graphs and CUDA graphs see few shapes. `privatized_module` (the
+    module from fxclip.privatize) is told how many leading rows are real before each batch is
+    yielded, and gives the padding rows weight exactly 0: the update equals the unpadded one.
+    Accounting is unchanged (padding is not sampling).
     """
 
     def __init__(self, dataset: Dataset, sample_rate: float, *, num_batches: int | None = None,
-                 generator: torch.Generator | None = None, collate_fn=None, **kwargs):
+                 generator: torch.Generator | None = None, collate_fn=None,
+                 pad_to_multiple: int | None = None, privatized_module=None, **kwargs):
         for k in ("batch_size", "shuffle", "sampler", "batch_sampler", "drop_last"):
             if kwargs.get(k) not in (None, False):
                 raise ValueError(f"PoissonDataLoader chooses its own batches; do not pass {k}=")
@@ -85,10 +92,38 @@ class PoissonDataLoader(DataLoader):
         super().__init__(dataset, batch_sampler=sampler, collate_fn=collate, **kwargs)
         self.sample_rate = sample_rate
         self.expected_batch_size = sample_rate * len(dataset)
+        if pad_to_multiple is not None:
+            if isinstance(pad_to_multiple, bool) or not isinstance(pad_to_multiple, int) \
+                    or pad_to_multiple <= 0:
+                raise ValueError(f"pad_to_multiple must be a positive int, got {pad_to_multiple!r}")
+            if privatized_module is None:
+                raise ValueError(
+                    "padding rows must get weight 0 in the privatized module's backward: pass "
+                    "privatized_module=pm with pad_to_multiple= (or use fxclip.make_private(..., "
+                    "pad_to_multiple=k), which connects them)")
+        self.pad_to_multiple = pad_to_multiple
+        self.privatized_module = privatized_module
+
+    def __iter__(self):
+        if self.pad_to_multiple is None:
+            yield from super().__iter__()
+            return
+        from .optim import _unwrap
+
+        pm = _unwrap(self.privatized_module)
+        try:
+            for batch in super().__iter__():
+                rows = _rows(batch)
+                pm.set_valid_rows(rows)
+                yield _pad(batch, max(self.pad_to_multiple, -(-rows // self.pad_to_multiple)
+                                      * self.pad_to_multiple) - rows)
+        finally:  # batches from elsewhere are all real
+            pm.set_valid_rows(float("inf"))
 
     @classmethod
     def from_data_loader(cls, loader: DataLoader, *, generator: torch.Generator | None = None,
-                         num_batches: int | None = None) -> "PoissonDataLoader":
+                         num_batches: int | None = None, pad_to_multiple: int | None = None,
+                         privatized_module=None) -> "PoissonDataLoader":
         """Same dataset and options, q = loader.batch_size / len(dataset)."""
         batch_size = loader.batch_size
         if batch_size is None:  # built from a batch_sampler
@@ -99,9 +134,21 @@ class PoissonDataLoader(DataLoader):
         if batch_size > n:
             raise ValueError(f"batch_size {batch_size} exceeds the dataset size {n}")
         return cls(loader.dataset, batch_size / n, num_batches=num_batches, generator=generator,
+                   pad_to_multiple=pad_to_multiple, privatized_module=privatized_module,
                    collate_fn=loader.collate_fn, num_workers=loader.num_workers,
                    pin_memory=loader.pin_memory, timeout=loader.timeout,
                    worker_init_fn=loader.worker_init_fn)
+
+
+def _pad(x, extra: int):
+    """x with `extra` zero rows appended along dim 0 (every tensor of a nested batch)."""
+    if isinstance(x, torch.Tensor):
+        return torch.cat([x, x.new_zeros((extra, *x.shape[1:]))]) if extra else x
+    if isinstance(x, dict):
+        return type(x)({k: _pad(v, extra) for k, v in x.items()})
+    if isinstance(x, tuple) and hasattr(x, "_fields"):
+        return type(x)(*(_pad(v, extra) for v in x))
+    return type(x)(_pad(v, extra) for v in x)
 
 
 def micro_batches(batch, max_size: int):

@@ -180,3 +180,75 @@ def no_ddp_graph_split():
     import torch._dynamo.config as _dynamo_config
 
     return _dynamo_config.patch(optimize_ddp=False)
+
+
+# --- torch.amp.GradScaler: fxclip reads the live scale tensor and reports overflow to it ---
+
+def check_grad_scaler(scaler, device) -> None:
+    """A GradScaler whose scale tensor exists (it is created lazily at the first scale() call,
+    after the first forward: fxclip's graph needs it from the start)."""
+    from torch.amp import GradScaler
+
+    if not isinstance(scaler, GradScaler):
+        raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+    if scaler.is_enabled() and scaler._scale is None:
+        scaler._lazy_init_scale_growth_tracker(torch.device(scaler._device if device is None else device))
+
+
+def grad_scaler_scale(scaler) -> torch.Tensor:
+    """The scaler's current scale S, a device tensor updated in place by scaler.update()."""
+    return scaler._scale
+
+
+def report_overflow_to_scaler(scaler, optimizer, overflow: torch.Tensor) -> None:
+    """Add fxclip's overflow flag to the inf checks `scaler` recorded for `optimizer`, so that
+    scaler.update() lowers the scale (fxclip keeps inf out of .grad, where the scaler looks)."""
+    state = scaler._per_optimizer_states.get(id(optimizer))
+    for found in (state or {}).get("found_inf_per_device", {}).values():
+        found.add_(overflow.to(found.device, found.dtype))
+
+
+class _Traced(Exception):
+    pass
+
+
+def joint_graphs_on_fake_device(module, inputs, device: str, joint_pass) -> list:
+    """[(plain joint graph, the graph after joint_pass)] of module(*inputs) traced with FAKE
+    tensors on `device` (e.g. "cuda" on a machine without a GPU): what the pass would build for
+    that device. Nothing is executed; the module and inputs may be on the CPU."""
+    import copy
+
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.compilers import nop
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    graphs = []
+
+    def partition(joint_module, joint_inputs, **kwargs):
+        plain = copy.deepcopy(joint_module.graph)
+        joint_pass(joint_module.graph)
+        graphs.append((plain, joint_module.graph))
+        raise _Traced
+
+    def backend(gm, example_inputs):
+        mode = FakeTensorMode()
+        with mode:
+            fakes = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device)
+                     .requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t
+                     for t in example_inputs]
+        for real, fake in zip(example_inputs, fakes):
+            if isinstance(real, torch.nn.Parameter):
+                fake = torch.nn.Parameter(fake, requires_grad=real.requires_grad)
+        compiled = aot_autograd(fw_compiler=nop, bw_compiler=nop, partition_fn=partition,
+                                decompositions=inductor_decompositions())
+        return compiled(gm, fakes)
+
+    torch._dynamo.reset()
+    try:
+        torch.compile(module, backend=backend, fullgraph=True)(*inputs)
+    except _dynamo_exc.BackendCompilerFailed as e:
+        if not isinstance(e.inner_exception, _Traced):
+            raise
+    except _Traced:
+        pass
+    return graphs

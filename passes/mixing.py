@@ -37,8 +37,9 @@ NORM_HINT = (
     "or keep BatchNorm in eval mode (model.eval() on it: frozen running statistics)."
 )
 GENERIC_HINT = (
-    "Each sample's output must depend on that sample alone: compute such batch-level terms "
-    "outside the privatized model (e.g. in the loss), or over a non-batch dimension."
+    "Each sample's output (and its loss, with loss_fn) must depend on that sample alone: compute "
+    "such terms over a non-batch dimension (a contrastive or batch-centered loss over the batch "
+    "has no per-sample sensitivity bound)."
 )
 UNKNOWN_HINT = (
     "fxclip has no batch-layout rule for this op, so it cannot prove the op keeps samples apart. "
@@ -104,7 +105,18 @@ def _where(node: fx.Node) -> str:
     path, cls = module_path(node)
     if path or cls:
         return f" in module '{path or '<root>'}'" + (f" ({cls})" if cls else "")
-    return " in the model's forward (not inside a submodule)"
+    return " outside any submodule (the model's own forward or its loss_fn)" + _source_line(node)
+
+
+def _source_line(node: fx.Node) -> str:
+    """', at file:line: `code`' of the user's line that made the node (Dynamo's stack trace)."""
+    lines = [s.strip() for s in (node.meta.get("stack_trace") or "").strip().splitlines()]
+    files = [i for i, s in enumerate(lines) if s.startswith("File ")]
+    if not files:
+        return ""
+    where = lines[files[-1]].split(", in ")[0].replace("File ", "").replace('"', "")
+    code = lines[files[-1] + 1] if files[-1] + 1 < len(lines) else ""
+    return f", at {where}" + (f": `{code}`" if code else "")
 
 
 def check_batch_independence(graph: fx.Graph, layouts: dict, model_nodes: set) -> None:

@@ -10,9 +10,6 @@ import torch
 
 from .errors import PrivacyError
 
-# per-sample norms of the latest backward, by the data pointer of the privatized module's token
-# (a tensor passed through the graph, so instances of one model class share compiled graphs)
-last_norms: dict[int, torch.Tensor] = {}
 
 _NOT_REWRITTEN = (
     "this privatized model ran without fxclip's graph rewrite, so its gradients would not be "
@@ -31,18 +28,20 @@ def _(x):
 
 
 @torch.library.custom_op("fxclip::batch_output", mutates_args=())
-def batch_output(y: torch.Tensor, params: list[torch.Tensor], token: torch.Tensor, names: str,
-                 frozen: str, groups: str, thresholds: str, mean: bool,
-                 nonfinite: str) -> torch.Tensor:
+def batch_output(y: torch.Tensor, params: list[torch.Tensor], state: torch.Tensor,
+                 thresholds: torch.Tensor, scale: torch.Tensor, names: str, frozen: str, groups: str,
+                 mean: bool, checked_loss: bool) -> torch.Tensor:
     """Marks a model output. `params`: the trainable parameters, `names` theirs ("\n"-joined);
-    `token`: the privatized module's token tensor, where the norms are recorded; `groups`: each
-    parameter's clipping group index, `thresholds`: each group's C_g (comma-separated);
-    `nonfinite`: "refuse" or "drop", what to do with a sample whose gradient is inf/NaN."""
+    `state`: the privatized module's device state (see STATE_FIELDS), where the graph records
+    norms, counts and flags; `thresholds`: each clipping group's C_g (runtime values, read by the
+    graph); `scale`: the loss scale S of a connected GradScaler (else 1); `groups`: each
+    parameter's clipping group index (comma-separated); `checked_loss`: y is the per-sample loss
+    vector of the privatized loss_fn, whose incoming gradient the graph checks."""
     raise PrivacyError(_NOT_REWRITTEN)
 
 
 @batch_output.register_fake
-def _(y, params, token, names, frozen, groups, thresholds, mean, nonfinite):
+def _(y, params, state, thresholds, scale, names, frozen, groups, mean, checked_loss):
     return torch.empty_like(y)
 
 
@@ -53,24 +52,8 @@ def _identity_backward(ctx, grad):
 batch_input.register_autograd(_identity_backward)
 
 
-@torch.library.custom_op("fxclip::record_norms", mutates_args=())
-def record_norms(norms: torch.Tensor, clip_factor: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
-    """Stores the per-sample norms for `pm.per_sample_norms`; returns the clip factor.
-
-    Passing R through keeps this op on the data path, so no pass can drop it as dead code.
-    """
-    last_norms[token.data_ptr()] = norms.detach().clone()
-    return clip_factor.clone()
-
-
-@record_norms.register_fake
-def _(norms, clip_factor, token):
-    return torch.empty_like(clip_factor)
-
-
 BATCH_INPUT = torch.ops.fxclip.batch_input.default
 BATCH_OUTPUT = torch.ops.fxclip.batch_output.default
-RECORD_NORMS = torch.ops.fxclip.record_norms.default
 
 
 @torch.library.custom_op("fxclip::output_grad", mutates_args=())
@@ -89,48 +72,63 @@ def _output_setup(ctx, inputs, output):
 
 
 def _output_backward_marked(ctx, grad):
-    return (output_grad(grad), [None] * ctx.n_params) + (None,) * 7
+    return (output_grad(grad), [None] * ctx.n_params) + (None,) * 8
 
 
 batch_output.register_autograd(_output_backward_marked, setup_context=_output_setup)
 OUTPUT_GRAD = torch.ops.fxclip.output_grad.default
 
 
-NONFINITE = (
-    "sample(s) {samples} of this batch have a non-finite gradient (inf or NaN), so no clipped "
-    "gradient exists for them; the step was refused and no .grad was changed. Find the cause "
-    "(e.g. log(0) in the loss, float16 overflow, a too large learning rate), or pass "
-    "nonfinite=\"drop\" to fxclip.privatize to give such samples zero weight."
-)
-NONFINITE_DROPPED = (
-    "a sample's non-finite values reached the reweighted gradient of {what} even though its "
-    "clip factor was set to 0 (0 * inf is NaN); the step was refused and no .grad was changed. "
-    "Find the cause of the inf/NaN (see pm.per_sample_norms)."
-)
 
 
-@torch.library.custom_op("fxclip::refuse_nonfinite", mutates_args=())
-def refuse_nonfinite(norms: torch.Tensor, clip_factor: torch.Tensor) -> torch.Tensor:
-    """Raises PrivacyError if any per-sample norm is inf/NaN; returns the clip factor."""
-    bad = ~torch.isfinite(norms)
-    if bool(bad.any()):
-        raise PrivacyError(NONFINITE.format(samples=bad.nonzero().flatten().tolist()))
+# The privatized module's device state: one float32 vector the backward updates in place (device
+# writes only, so CUDA-graph replay keeps it current and nothing syncs with the host). Counts
+# are cumulative until the optimizer step resets them.
+STATE_FIELDS = (
+    "nonfinite",    # real samples whose gradient had an inf/NaN (given weight 0)
+    "bad_seed",     # backwards whose loss gradient was not the declared sum/mean
+    "batch_size",   # rows of the latest backward, padding included (the B a mean divided by)
+    "samples",      # real samples seen
+    "backwards",    # backward passes seen
+    "valid_rows",   # how many leading rows of the coming batches are real (inf: all)
+    "unclipped",    # real samples whose norm was <= C (adaptive clipping's count)
+)
+STATE = {name: i for i, name in enumerate(STATE_FIELDS)}
+CUMULATIVE = ("nonfinite", "bad_seed", "samples", "backwards", "unclipped")
+
+# per-sample norms of each (state tensor, batch size): written in place by the backward into a
+# buffer allocated once per size, so its address is stable under CUDA-graph replay
+_norm_stores: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def new_state(device=None) -> torch.Tensor:
+    state = torch.zeros(len(STATE_FIELDS), dtype=torch.float32, device=device)
+    state[STATE["valid_rows"]] = float("inf")
+    return state
+
+
+def norm_store(state: torch.Tensor, batch_size: int) -> torch.Tensor | None:
+    return _norm_stores.get((state.data_ptr(), batch_size))
+
+
+@torch.library.custom_op("fxclip::record_step", mutates_args=())
+def record_step(norms: torch.Tensor, updated: torch.Tensor, state: torch.Tensor,
+                clip_factor: torch.Tensor) -> torch.Tensor:
+    """Writes the backward's results into the module's device state: `updated` (computed in the
+    graph) into `state`, the per-sample norms into their store. Returns the clip factor, which
+    keeps this op on the data path (no pass may drop it as dead code)."""
+    key = (state.data_ptr(), norms.shape[0])
+    store = _norm_stores.get(key)
+    if store is None or store.dtype != norms.dtype or store.device != norms.device:
+        store = _norm_stores[key] = torch.empty_like(norms)
+    store.copy_(norms)
+    state.copy_(updated)
     return clip_factor.clone()
 
 
-@refuse_nonfinite.register_fake
-def _(norms, clip_factor):
+@record_step.register_fake
+def _(norms, updated, state, clip_factor):
     return torch.empty_like(clip_factor)
 
 
-@torch.library.custom_op("fxclip::require_finite", mutates_args=())
-def require_finite(grad: torch.Tensor, what: str) -> torch.Tensor:
-    """Raises PrivacyError if a reweighted gradient holds inf/NaN (nonfinite="drop")."""
-    if not bool(torch.isfinite(grad).all()):
-        raise PrivacyError(NONFINITE_DROPPED.format(what=what))
-    return grad.clone()
-
-
-@require_finite.register_fake
-def _(grad, what):
-    return torch.empty_like(grad)
+RECORD_STEP = torch.ops.fxclip.record_step.default

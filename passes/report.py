@@ -32,6 +32,9 @@ class RewriteReport:
     # node name -> {"param": name or None, "role": "norm" | "clip" | "reweight"} for added nodes
     added: dict[str, dict] = field(default_factory=dict)
     unused: list[str] = field(default_factory=list)  # trainable but unused in this forward: no grad
+    # the per-sample losses were traced with the model (privatize(loss_fn=...)): a mixing loss
+    # was refused and the reduction after it is checked; else the loss outside is unchecked
+    loss_checked: bool = False
 
     def param_names(self) -> frozenset:
         """The trainable parameters of the rewritten model (used in the forward or not)."""

@@ -44,7 +44,7 @@ GRAPH_BREAK = (
 class Context:
     """What rules read: the graph, batch layouts, the batch size and the per-sample cache."""
 
-    def __init__(self, graph, builder, layouts, bref, output_grads, drop=False):
+    def __init__(self, graph, builder, layouts, bref, output_grads):
         self.graph, self.builder, self.layouts = graph, builder, layouts
         self.bref = bref  # a (B, ...) tensor node: inside traced fns, B = bref.shape[0]
         self.batch_size = bref.meta["val"].shape[0]
@@ -53,7 +53,9 @@ class Context:
         self.after_output_grads = _descendants(output_grads)
         self.param_shape: tuple = ()
         self.param_numel = 0
-        self.drop = drop  # nonfinite="drop": reweighting must zero dropped samples' inf/NaN
+        # a sample given R = 0 (inf/NaN gradient, padding) may hold inf/NaN: reweighting must
+        # zero its values, since 0 * inf would be NaN
+        self.drop = True
         self._memo: dict = {}
 
     def per_sample(self, route):
@@ -88,11 +90,11 @@ def _read_spec(outputs) -> dict:
             "one compiled graph holds several privatized models; compile each privatized model "
             "on its own (torch.compile(pm)) and call them separately."
         )
-    token, names, frozen, groups, thresholds, mean, nonfinite = specs.pop()
+    state, thresholds, scale, names, frozen, groups, mean, checked_loss = specs.pop()
     return {"names": names.split("\n") if names else [], "frozen": frozen.split("\n") if frozen else [],
             "groups": [int(g) for g in groups.split(",")] if groups else [],
-            "thresholds": [float(c) for c in thresholds.split(",")] if thresholds else [],
-            "mean": mean, "token": token, "nonfinite": nonfinite}
+            "state": state, "thresholds": thresholds, "scale": scale, "mean": mean,
+            "checked_loss": checked_loss}
 
 
 def _empty_batch_of(inputs) -> bool:
@@ -100,7 +102,17 @@ def _empty_batch_of(inputs) -> bool:
 
 
 def _remove(marker):
-    marker.replace_all_uses_with(marker.args[0])
+    """Replace a marker by its input. A marker's value is `empty_like(x)` (see ops): for an
+    input whose memory is not dense (x[::2], an expanded batch) that is a contiguous copy, and
+    the graph was traced on it (views that need contiguity), so a copy takes the marker's place."""
+    source, val = marker.args[0], marker.meta.get("val")
+    if isinstance(val, torch.Tensor) and val.stride() != source.meta["val"].stride():
+        with marker.graph.inserting_before(marker):
+            copy = marker.graph.call_function(aten.clone.default, (source,),
+                                              {"memory_format": torch.contiguous_format})
+        copy.meta.update(marker.meta)
+        source = copy
+    marker.replace_all_uses_with(source)
     marker.graph.erase_node(marker)
 
 
@@ -204,25 +216,56 @@ def _clean_module_path(path: str) -> str:
     return path
 
 
-def _clip_fn(thresholds: list, mean: bool, nonfinite: str = "refuse"):
-    """(per-group squared norms) -> (G, B) clip factors R_g = min(1, C_g / (n_g + 1e-6)).
+def _clip_fn(groups: list, mean: bool, checked_loss: bool):
+    """(state, thresholds, scale, loss seed, per-group squared norms) -> (G, B) clip factors
+    R_g = min(1, C_g / (n_g + 1e-6)), recording norms, counts and flags in the device state.
 
-    A sample whose norm is inf/NaN has no clipped gradient: nonfinite="refuse" raises
-    PrivacyError when the backward runs (nothing reaches .grad); "drop" gives it R = 0.
+    All of it runs on the device: thresholds and the loss scale are runtime tensors (no
+    recompile when they change) and problems become flags, never a host sync. A sample that is
+    padding, or whose norm is inf/NaN, gets R = 0 (the optimizer step refuses the latter).
     """
+    field = ops.STATE
 
-    def clip(bref, token, *group_sq):
-        norms = torch.stack(group_sq).sqrt()
+    def clip(bref, state, thresholds, scale, seed, *group_sq):
+        batch = bref.shape[0]
+        norms = torch.stack(group_sq).sqrt()  # norms of the gradient as it arrived
         if mean:  # the output gradient carried 1/B: undo it to clip grad L_i itself
-            norms = norms * bref.shape[0]
-        factor = torch.stack([(c / (n + 1e-6)).clamp(max=1.0) for c, n in zip(thresholds, norms)])
+            norms = norms * batch
+        norms = norms / scale.to(norms.dtype).reshape(())  # a connected GradScaler's S
+        limit = torch.stack([thresholds[g] for g in groups]).to(norms.dtype)
         total = norms.square().sum(0).sqrt()
-        if nonfinite == "drop":
-            factor = torch.where(torch.isfinite(total), factor, torch.zeros_like(factor))
-            return ops.record_norms(total, factor, token)
-        return ops.refuse_nonfinite(total, ops.record_norms(total, factor, token))
+        real = torch.arange(batch, device=norms.device) < state[field["valid_rows"]]
+        finite = torch.isfinite(total)
+        factor = (limit[:, None] / (norms + 1e-6)).clamp(max=1.0)
+        factor = torch.where(real & finite, factor, torch.zeros_like(factor))
+        counts = {
+            "nonfinite": (real & ~finite).sum(),
+            "bad_seed": _bad_seed(seed, batch, mean, scale) if checked_loss else real.new_zeros(()),
+            "samples": real.sum(),
+            "backwards": real.new_ones(()),
+            "unclipped": (real & (total <= limit.square().sum().sqrt())).sum(),
+        }
+        updated = _updated_state(state, counts, torch.ones_like(total).sum())
+        return ops.record_step(total.where(real, torch.zeros_like(total)), updated, state, factor)
 
     return clip
+
+
+def _updated_state(state, counts: dict, rows):
+    """The state after a backward: counts added, `rows` the batch size (inside traced fns)."""
+    return torch.stack([
+        state[i] + counts[name].to(state.dtype) if name in counts
+        else rows.to(state.dtype) if name == "batch_size"
+        else state[i]
+        for name, i in ops.STATE.items()])
+
+
+def _bad_seed(seed, batch, mean, scale):
+    """1 if the gradient arriving at the per-sample losses is not the same for every sample and
+    equal to what a plain sum (1) or mean (1/B) gives, times the loss scale; else 0."""
+    expected = scale.to(seed.dtype).reshape(()) / (batch if mean else 1)
+    tolerance = 4 * torch.finfo(seed.dtype).eps * expected.abs()
+    return ((seed - expected).abs() > tolerance).any().to(torch.int64)
 
 
 def _row(i: int):
@@ -259,6 +302,8 @@ def rewrite_joint_graph(graph: fx.Graph) -> RewriteReport | None:
     bmm_of_one_as_mm(graph)
     bref = batch_nodes[0]
     B = bref.meta["val"].shape[0]
+    if spec["checked_loss"]:
+        _check_loss_shape(model_outputs)
     _check_batch_sizes(batch_nodes, model_outputs, B)
     seeds_layout = {n: Layout(0) for n in batch_nodes + seeds}
     layouts = analyze(graph, seeds_layout, B)
@@ -268,7 +313,7 @@ def rewrite_joint_graph(graph: fx.Graph) -> RewriteReport | None:
         check_batch_independence(graph, layouts, model_region(batch_nodes, model_outputs))
     check_no_batch_state(graph, layouts, list(outputs_params), spec["names"])
     builder = GraphBuilder(graph, output)
-    ctx = Context(graph, builder, layouts, bref, seeds, drop=spec["nonfinite"] == "drop")
+    ctx = Context(graph, builder, layouts, bref, seeds)
     for s in seeds:
         if not known_equal(s.meta["val"].shape[0], B):
             raise PrivacyError(
@@ -277,7 +322,7 @@ def rewrite_joint_graph(graph: fx.Graph) -> RewriteReport | None:
             )
 
     if isinstance(B, int) and B == 0:
-        _empty_batch(graph, builder, params, grad_slots, bref, spec["token"])
+        _empty_batch(graph, builder, params, grad_slots, bref, spec["state"])
         check_coverage(graph, params, set(batch_nodes))
         return None
 
@@ -305,9 +350,9 @@ def rewrite_joint_graph(graph: fx.Graph) -> RewriteReport | None:
     builder.tag = {"param": None, "role": "clip"}
     groups = sorted(norm_terms)
     group_sq = [builder.call(lambda *ts: sum(ts), *norm_terms[g]) for g in groups]
-    thresholds = [spec["thresholds"][g] for g in groups]
-    factors = builder.call(_clip_fn(thresholds, spec["mean"], spec["nonfinite"]), bref, spec["token"],
-                           *group_sq)
+    seed = seeds[0] if spec["checked_loss"] else bref
+    factors = builder.call(_clip_fn(groups, spec["mean"], spec["checked_loss"]), bref, spec["state"],
+                           spec["thresholds"], spec["scale"], seed, *group_sq)
     clip_of = {g: builder.call(_row(i), factors) for i, g in enumerate(groups)}
 
     new_outputs = list(output.args[0])
@@ -323,8 +368,6 @@ def rewrite_joint_graph(graph: fx.Graph) -> RewriteReport | None:
         want = old.meta["val"]
         if new.meta["val"].dtype != want.dtype or not same_shape(new.meta["val"].shape, want.shape):
             new = builder.call(lambda t: t.to(want.dtype).reshape(want.shape), new)
-        if spec["nonfinite"] == "drop":  # 0 * inf is NaN: never let it reach .grad silently
-            new = builder.call(lambda t: ops.require_finite(t, name), new)
         new.meta["fxclip"] = {"param": name, "role": "reweight"}
         new_outputs[grad_slots[param]] = new
     output.args = (tuple(new_outputs),) + tuple(output.args[1:])
@@ -333,6 +376,20 @@ def rewrite_joint_graph(graph: fx.Graph) -> RewriteReport | None:
     check_coverage(graph, params, set(batch_nodes))
     graph.lint()
     return _report(graph, spec, params, routes, B)
+
+
+LOSS_SHAPE = (
+    "loss_fn(output, target) returned a tensor of shape {shape}; it must return the per-sample "
+    "losses, one number per sample: shape (B,) (e.g. F.cross_entropy(out, y, reduction=\"none\"); "
+    "for token losses, reduce each sample's tokens inside loss_fn)."
+)
+
+
+def _check_loss_shape(model_outputs) -> None:
+    for node in model_outputs:
+        shape = tuple(node.meta["val"].shape)
+        if len(shape) != 1:
+            raise PrivacyError(LOSS_SHAPE.format(shape=tuple(size_hint(s) for s in shape)))
 
 
 def _check_batch_sizes(batch_nodes, model_outputs, B) -> None:
@@ -352,17 +409,18 @@ def _check_batch_sizes(batch_nodes, model_outputs, B) -> None:
                 )
 
 
-def _empty_batch(graph, builder, params, grad_slots, bref, token) -> None:
+def _empty_batch(graph, builder, params, grad_slots, bref, state) -> None:
     """No samples: every gradient is exactly zero, and there are no norms to record."""
     output = graph.output_node()
     new_outputs = list(output.args[0])
 
-    def zero_norms(b, t):
+    def zero_norms(b, state):
         empty = b.new_zeros((0,), dtype=torch.float32)
-        return ops.record_norms(empty, empty, t)
+        updated = _updated_state(state, {"backwards": state.new_ones(())}, empty.sum())
+        return ops.record_step(empty, updated, state, empty)
 
     builder.tag = {"param": None, "role": "clip"}
-    recorded = builder.call(zero_norms, bref, token)
+    recorded = builder.call(zero_norms, bref, state)
     for param, pos in grad_slots.items():
         if param in params:
             builder.tag = {"param": params[param], "role": "reweight"}
@@ -379,7 +437,7 @@ def check_coverage(graph: fx.Graph, params: dict, batch_inputs: set) -> None:
     output = graph.output_node()
     placeholders = {input_index(n): n for n in graph.nodes if n.op == "placeholder"}
     # a clipped gradient is computed from the clip factors R (the recorded-norms op's output)
-    clipped = _descendants(_markers(graph, ops.RECORD_NORMS))
+    clipped = _descendants(_markers(graph, ops.RECORD_STEP))
     for pos, (kind, idx) in enumerate(output_descriptors(output)):
         node = output.args[0][pos]
         if kind != "grad" or node is None:
@@ -422,4 +480,4 @@ def _report(graph, spec, params, routes, B) -> RewriteReport:
     copy.output_node().meta["desc"] = graph.output_node().meta.get("desc")
     added = {n.name: dict(n.meta["fxclip"]) for n in graph.nodes if "fxclip" in n.meta}
     return RewriteReport(params=rows, frozen=list(spec.get("frozen", [])), batch_size=str(B),
-                         graph=copy, added=added, unused=unused)
+                         graph=copy, added=added, unused=unused, loss_checked=spec["checked_loss"])

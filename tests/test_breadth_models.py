@@ -40,7 +40,8 @@ class TimeFirstRecurrence(nn.Module):
         return self.out(steps).transpose(0, 1)
 
 
-@pytest.mark.parametrize("join,compiled", [("stack", False), ("cat", False), ("stack", True)])
+@pytest.mark.parametrize("join,compiled", [("stack", False), ("cat", False),
+                                           pytest.param("stack", True, marks=pytest.mark.slow)])
 def test_time_first_stack_of_states_is_per_sample(join, compiled):
     routes = run_check(TimeFirstRecurrence(join), (torch.randn(4, 3, 4, dtype=D),), compiled=compiled)
     assert routes["out.weight"].rule == "linear" and routes["cell.weight"].rule == "linear"
@@ -109,7 +110,7 @@ _LAST = {}
 
 @pytest.mark.parametrize("kind,trainable,compiled", [
     (nn.LSTM, False, False), (nn.LSTM, True, False), (nn.GRU, True, False), (nn.RNN, True, False),
-    (nn.GRU, True, True)])
+    pytest.param(nn.GRU, True, True, marks=pytest.mark.slow)])
 def test_recurrent_layers_are_clipped_exactly(kind, trainable, compiled):
     routes = check_against_loop(Recurrent(kind, trainable), (torch.randn(4, 3, 4, dtype=D),), compiled)
     if trainable:
@@ -214,3 +215,17 @@ def test_instance_norm_running_stats_are_named():
 def test_embedding_max_norm_is_named(make):
     with pytest.raises(fxclip.PrivacyError, match="max_norm=1.0 renormalizes rows of the weight in place"):
         fxclip.privatize(nn.Sequential(make()), max_grad_norm=1.0)
+
+
+def test_fused_recurrent_op_is_refused_by_name():
+    """Where a platform runs nn.LSTM as one fused op (cuDNN), the refusal names it and says
+    where its cell ops are traced instead (a hand-built graph: this CPU build never fuses)."""
+    from fxclip.passes.layout import UNKNOWN, Layout
+    from fxclip.passes.mixing import check_batch_independence
+
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    fused = graph.call_function(torch.ops.aten._cudnn_rnn.default, (x,))
+    fused.meta["nn_module_stack"] = {"r": ("L['self'].module.rnn", nn.LSTM)}
+    with pytest.raises(fxclip.PrivacyError, match=r"module 'rnn' \(LSTM\).*one fused op.*cuDNN off"):
+        check_batch_independence(graph, {x: Layout(0), fused: UNKNOWN}, {x, fused})

@@ -232,12 +232,25 @@ def _nan_step(pm, model, bad):
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_nonfinite_sample_refuses_the_step_and_leaves_grad_untouched(bad):
+def test_nonfinite_sample_refuses_the_step_and_no_parameter_changes(bad):
+    """The backward never syncs: it gives the sample weight 0 and flags it on the device; the
+    optimizer step raises and changes nothing. No inf/NaN ever reaches .grad."""
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    before = copy.deepcopy(model.state_dict())
     pm = fxclip.privatize(model, max_grad_norm=1.0)
-    with pytest.raises(fxclip.PrivacyError, match=r"sample\(s\) \[1\].*non-finite.*nonfinite=\"drop\""):
-        _nan_step(pm, model, bad)
-    assert all(p.grad is None for p in model.parameters())
+    opt = fxclip.DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), pm, noise_multiplier=0.0,
+                             expected_batch_size=4)
+    _nan_step(pm, model, bad)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    with pytest.raises(fxclip.PrivacyError, match=r"1 sample\(s\).*non-finite.*rows \[1\].*"
+                                                  r"no parameter changed.*nonfinite=\"drop\""):
+        opt.step()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # without DPOptimizer, pm.check_step() is the same check
+    _nan_step(pm, model, bad)
+    with pytest.raises(fxclip.PrivacyError, match="non-finite"):
+        pm.check_step()
+    pm.check_step()  # the flag was reset: the next check passes
 
 
 class _Seq(nn.Module):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import operator
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -161,6 +162,7 @@ def _prims_op(name: str):
 # --- the registry ---
 
 LAYOUT_RULES: dict = {}  # op (or torch.Tag.pointwise, for every pointwise op) -> rule
+_FAMILY: dict = {}  # op -> the module that registered its rule (a family file, or the user's)
 
 
 def layout_rule(*targets):
@@ -168,21 +170,23 @@ def layout_rule(*targets):
     lacks, skipped)."""
 
     def register(fn):
-        _register(fn, *targets)
+        _register(fn, *targets, _caller=2)
         return fn
 
     return register
 
 
-def _register(rule, *ops):
+def _register(rule, *ops, _caller=1):
+    family = sys._getframe(_caller).f_globals["__name__"].rsplit(".", 1)[-1]
     for op in ops:
         if op is not None:
             LAYOUT_RULES[op] = rule
+            _FAMILY[op] = family
 
 
 def registered_layout_rules() -> dict[str, str]:
     """{op name: family file of its rule}, for a reader looking for the rule of an op."""
-    return {str(op): fn.__module__.rsplit(".", 1)[-1] for op, fn in LAYOUT_RULES.items()}
+    return {str(op): _FAMILY[op] for op in LAYOUT_RULES}
 
 
 def rule_for(node):
@@ -249,7 +253,7 @@ def register_per_sample(*ops):
     """Declare ops that treat dim 0 of their tensor inputs sample by sample (like a
     convolution): a batch in dim 0 stays in dim 0 of the outputs; a batch elsewhere is refused as
     mixing. In a privatized model's forward, ops without a layout rule are refused."""
-    _register(_DIM0, *ops)
+    _register(_DIM0, *ops, _caller=2)
 
 
 # Families, one file each (imported for their registrations; later files may refine earlier ones).

@@ -57,8 +57,10 @@ _VIEWS = {aten.view.default, aten._unsafe_view.default}
 
 
 # --- ops whose vmap batching rule fails on arguments the graph holds: replayed in a form that
-# vmaps (the same values). Slices carry unnormalized bounds (x[..., n:] ends at INT64_MAX,
-# x[:, :-1] ends at -1); as_strided_scatter has no batching rule at all.
+# vmaps (the same values). slice_scatter's fails on unnormalized bounds (x[..., n:] ends at
+# INT64_MAX, x[:, :-1] at -1, steps > 1); as_strided_scatter has none. (Audited: select,
+# select_scatter, slice, narrow, diagonal_scatter, index_put, unfold, constant_pad_nd, roll and
+# the embedding backward ops batch as they are.)
 
 def _min(a, b):
     return min(a, b) if isinstance(a, int) and isinstance(b, int) else torch.sym_min(a, b)
@@ -76,19 +78,9 @@ def _bounds(size, start, end):
     return start, _max(_min(end, size), start)
 
 
-def _slice(x, dim=0, start=None, end=None, step=1):
-    dim = dim % x.dim()
-    return aten.slice.Tensor(x, dim, *_bounds(x.shape[dim], start, end), step)
-
-
 def _slice_scatter(base, src, dim=0, start=None, end=None, step=1):
     dim = dim % base.dim()
     return aten.slice_scatter.default(base, src, dim, *_bounds(base.shape[dim], start, end), step)
-
-
-def _select_scatter(base, src, dim, index):
-    dim = dim % base.dim()
-    return aten.select_scatter.default(base, src, dim, index + base.shape[dim] if index < 0 else index)
 
 
 def _as_strided_scatter(base, src, size, stride, storage_offset=None):
@@ -101,9 +93,7 @@ def _as_strided_scatter(base, src, size, stride, storage_offset=None):
 
 
 VMAP_FORMS = {
-    aten.slice.Tensor: _slice,
     aten.slice_scatter.default: _slice_scatter,
-    aten.select_scatter.default: _select_scatter,
     aten.as_strided_scatter.default: _as_strided_scatter,
 }
 
@@ -111,10 +101,14 @@ VMAP_FORMS = {
 def _check_replayable(order) -> None:
     for node in order:
         if node.target == aten.as_strided_scatter.default and not _fresh(node.args[0]):
+            from ..mixing import module_path
+
+            path, cls = module_path(node)
+            where = f" in module {path or '<root>'!r} ({cls})" if cls else ""
             raise PrivacyError(
-                f"the per-sample gradient fallback cannot replay {node.name} (as_strided_scatter "
-                "into a non-contiguous tensor) per sample; express the strided view with "
-                "reshape/permute in the model.")
+                f"a strided view (as_strided) of a non-contiguous tensor{where} has a backward "
+                "the per-sample gradient fallback cannot replay per sample; express the view "
+                "with reshape/permute, or call .contiguous() before it.")
 
 
 def _fresh(node) -> bool:
