@@ -224,14 +224,25 @@ def test_rules_per_parameter_listing():
     assert listing["norms"]["rms.weight"].startswith("unreduce") or listing["norms"]["rms.weight"].startswith("norm")
 
 
-def test_recurrent_refused_with_privacy_error():
+def test_recurrent_layers_are_traced_into_cell_ops():
+    """nn.LSTM/GRU are no longer refused: their weights take the linear rule (exactness against
+    a per-sample loop: tests/test_breadth_models.py)."""
     import fxclip
 
+    class Steps(nn.Module):  # the per-step outputs only: h_n is (layers, B, hidden), not per sample
+        def __init__(self, cls):
+            super().__init__()
+            self.inp, self.rnn = nn.Linear(4, 4), cls(4, 3, batch_first=True)
+
+        def forward(self, x):
+            return self.rnn(self.inp(x))[0]
+
     for cls in (nn.LSTM, nn.GRU):
-        m = nn.Sequential(nn.Linear(4, 4), cls(4, 3, batch_first=True))
-        with pytest.raises(fxclip.PrivacyError, match=f"{cls.__name__} at '1'"):
-            fxclip.privatize(m, max_grad_norm=1.0)
-        assert all(p.grad is None for p in m.parameters())
+        m = Steps(cls)
+        pm = fxclip.privatize(m, max_grad_norm=1.0)
+        pm(torch.randn(4, 5, 4)).sum().backward()
+        assert all(p.grad is not None for p in m.parameters())
+        assert pm.last_report.route("rnn.weight_hh_l0").rule == "linear"
 
 
 def test_autocast_bf16_matches_float32():
