@@ -1,6 +1,7 @@
 """Real third-party architectures: Hugging Face transformers models built from tiny configs (no
-downloads). One privatized step of each must equal per-sample clipping computed with torch.func in
-float64, with padding masks and both attention implementations, and every parameter must take
+downloads). One privatized step of each must equal per-sample clipping of gradients computed one
+sample at a time in float64 (tests/zoo_check.py), with padding masks and both attention
+implementations, and every parameter must take
 the rule its op family has (projections `linear`, tables `embedding`, convolutions `conv`), not
 the generic fallback. Models that really mix samples (BatchNorm in training) must be refused."""
 from __future__ import annotations
