@@ -19,7 +19,7 @@ from .layout import Layout, analyze, known_equal, same_shape, size_hint
 from .mixing import check_batch_independence, check_no_batch_state, model_region
 from .prune import prune_unused_outputs
 from .report import ParamRoute, RewriteReport, rule_counters
-from .rules import RULES, Contribution, cat_slot, norm_sq_of, weighted_sum, zero_padding_of
+from .rules import RULES, Contribution, cat_slot, norm_sq_of, slice_bounds, weighted_sum, zero_padding_of
 from .rules.shared import shared_norm_sq, shared_reweighted, strategy_of
 
 aten = torch.ops.aten
@@ -125,6 +125,8 @@ def _contributions(grad: fx.Node, backward: set) -> list[Contribution]:
             walk(node.args[0], [node] + path)
         elif zero_padding_of(node) is not None:  # a sliced parameter: pos[:T]
             walk(node.args[1], [node] + path)
+        elif (piece := _cat_piece(node, backward)) is not None:  # packed with others: cat((bq, bk, bv))
+            walk(piece, path)
         elif _split_gradient(node, backward):  # a parameter used in pieces (packed q/k/v)
             for part in node.args[0]:
                 walk(part, [node] + path)
@@ -138,6 +140,35 @@ def _contributions(grad: fx.Node, backward: set) -> list[Contribution]:
 
     walk(grad, [])
     return found
+
+
+def _cat_piece(node: fx.Node, backward: set):
+    """For slice(cat(pieces), dim, start, end) taking back exactly one gradient piece (a
+    parameter packed with others, as in cat((q.bias, k.bias, v.bias))): that piece; else None."""
+    if node.op != "call_function" or node.target != aten.slice.Tensor or node.kwargs:
+        return None
+    src = node.args[0]
+    if not (isinstance(src, fx.Node) and src.op == "call_function" and src.target == aten.cat.default
+            and src in backward):
+        return None
+    ndim = src.meta["val"].dim()
+    defaults = (0, None, None, 1)  # dim, start, end, step
+    dim, start, end, step = (*node.args[1:], *defaults[len(node.args) - 1:])
+    cat_dim = src.args[1] if len(src.args) > 1 else 0
+    if step != 1 or not isinstance(dim, int) or dim % ndim != cat_dim % ndim:
+        return None
+    bounds = slice_bounds(src.meta["val"].shape[dim % ndim], start, end)
+    if bounds is None:
+        return None
+    start, end = bounds
+    for piece in src.args[0]:
+        pad = cat_slot(src, piece) if isinstance(piece, fx.Node) else None
+        if pad is None:
+            continue
+        before, size = pad[-2], piece.meta["val"].shape[dim % ndim]
+        if start == before and end == before + size and piece in backward:
+            return piece
+    return None
 
 
 def _split_gradient(node: fx.Node, backward: set) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import fxclip
 import fxclip.passes.rules.conv as conv_rule
@@ -143,6 +144,27 @@ def test_eval_batchnorm_weight_is_unreduced(compiled):
     routes = run_check(FrozenStatsBatchNorm(), (torch.randn(4, 3, 6, 6, dtype=D),), compiled=compiled)
     assert all(routes[f"{bn}.{p}"].rule == "unreduce" for bn in ("bn1", "bn2") for p in ("weight", "bias"))
     assert fired("unreduce") >= before + 4
+
+
+class PackedBiases(nn.Module):
+    """Separate biases packed with a cat and chunked again (HF WavLM packs q/k/v biases so for
+    F.multi_head_attention_forward): each bias's gradient is a slice of the packed gradient."""
+
+    def __init__(s):
+        super().__init__()
+        s.q, s.v = nn.Linear(8, 6), nn.Linear(8, 6)
+
+    def forward(s, x):
+        bq, bv = torch.cat((s.q.bias, s.v.bias)).chunk(2)
+        return torch.tanh(F.linear(x, s.q.weight, bq)) * F.linear(x, s.v.weight, bv)
+
+
+def test_biases_packed_with_cat_are_unreduced():
+    before = fired("unreduce")
+    routes = run_check(PackedBiases(), (torch.randn(3, 5, 8, dtype=D),))
+    assert routes["q.bias"].rule == routes["v.bias"].rule == "unreduce"
+    assert routes["q.weight"].rule == routes["v.weight"].rule == "linear"
+    assert fired("unreduce") >= before + 2
 
 
 # --- convolutions ------------------------------------------------------------------------------

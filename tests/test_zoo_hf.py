@@ -1,6 +1,7 @@
 """Real third-party architectures: Hugging Face transformers models built from tiny configs (no
-downloads). One privatized step of each must equal per-sample clipping computed with torch.func in
-float64, with padding masks and both attention implementations, and every parameter must take
+downloads). One privatized step of each must equal per-sample clipping of gradients computed one
+sample at a time in float64 (tests/zoo_check.py), with padding masks and both attention
+implementations, and every parameter must take
 the rule its op family has (projections `linear`, tables `embedding`, convolutions `conv`), not
 the generic fallback. Models that really mix samples (BatchNorm in training) must be refused."""
 from __future__ import annotations
@@ -39,15 +40,11 @@ FALLBACK = {
     # and gathers it per sample: the gradient sums over samples before the projection's matmul.
     "deberta_v2": {"m.encoder.rel_embeddings.weight", *(f"m.encoder.layer.0.attention.self.pos_{k}_proj.{p}"
                                                          for k in ("key", "query") for p in ("weight", "bias"))},
-    # wav2vec2's positional conv is weight-normed: its weight is g * v / ||v||, a function of two
-    # parameters the contribution walk does not pass through (the conv rule fires on the weight).
+    # wav2vec2's positional conv is weight-normed: its weight g * v / ||v|| is computed from the
+    # two parameters, and their gradients reach them from the conv's weight gradient through
+    # parameter-dependent factors that no rule passes through.
     **{n: {f"m.encoder.pos_conv_embed.conv.parametrizations.weight.original{i}" for i in (0, 1)}
-       for n in ("wav2vec2", "wav2vec2_group", "hubert")},
-    # WavLM packs its q/k/v biases with a cat for F.multi_head_attention_forward: their gradients
-    # are slices of one gradient.
-    "wavlm": {"m.encoder.pos_conv_embed.conv.parametrizations.weight.original0",
-                       "m.encoder.pos_conv_embed.conv.parametrizations.weight.original1",
-                       *(f"m.encoder.layers.0.attention.{k}_proj.bias" for k in "qkv")},
+       for n in ("wav2vec2", "wav2vec2_group", "hubert", "wavlm")},
     # BEiT resizes its relative-position table with a bilinear interpolate before the gather.
     "beit": {"m.layers.0.relative_position_bias.relative_position_bias_table"},
 }

@@ -102,14 +102,23 @@ def zero_padding_of(node: fx.Node):
     if not all(isinstance(v, int) for v in (*shape, dim)):
         return None
     dim = dim % len(shape)
-    start = 0 if start is None else start
-    end = shape[dim] if end is None else end
-    if not (isinstance(start, int) and isinstance(end, int)):
+    bounds = slice_bounds(shape[dim], start, end)
+    if bounds is None:
         return None
-    start, end = (v + shape[dim] if v < 0 else min(v, shape[dim]) for v in (start, end))
+    start, end = bounds
     if end - start != src.meta["val"].shape[dim]:
         return None
     return [0, 0] * (len(shape) - 1 - dim) + [start, shape[dim] - end]
+
+
+def slice_bounds(size, start, end):
+    """slice's (start, end) over a dim of static `size` as 0 <= start, end <= size (None, negative
+    and past-the-end bounds resolved); None when any of them is symbolic."""
+    start = 0 if start is None else start
+    end = size if end is None else end
+    if not all(isinstance(v, int) for v in (size, start, end)):
+        return None
+    return tuple(v + size if v < 0 else min(v, size) for v in (start, end))
 
 
 def cat_slot(node: fx.Node, part):
