@@ -276,7 +276,7 @@ class DPOptimizer(torch.optim.Optimizer):
             z = torch.randn(p.shape, generator=self.generator, device=self.generator.device, dtype=dtype)
         else:
             z = torch.randn(p.shape, device=p.device, dtype=dtype)
-        return z.to(device=p.device, dtype=dtype) * std
+        return z.to(device=p.device, dtype=dtype).mul_(std)  # in place: no second gradient-sized buffer
 
     @torch.no_grad()
     def add_noise(self) -> None:
@@ -284,11 +284,15 @@ class DPOptimizer(torch.optim.Optimizer):
         std = self.noise_multiplier * self.max_grad_norm
         scale = 1.0 / self.expected_batch_size if self.loss_reduction == "mean" else 1.0
         for p in self._params:
-            g = p.grad if p.grad is not None else torch.zeros_like(p)
-            if g.is_sparse:
+            g = p.grad
+            if g is not None and g.is_sparse:
                 raise RuntimeError("sparse gradients are not supported by DPOptimizer")
-            noised = (g.to(torch.float32) if g.dtype in _LOW_PRECISION else g) + self._noise(p, std)
-            p.grad = (noised * scale).to(p.dtype)
+            wide = torch.float32 if p.dtype in _LOW_PRECISION else p.dtype  # noise never in 16 bits
+            # the clipped sum is ours to overwrite: noise and scale it in place, holding at most
+            # the noise draw beside it
+            acc = torch.zeros_like(p, dtype=wide) if g is None else g if g.dtype == wide else g.to(wide)
+            acc.add_(self._noise(p, std)).mul_(scale)
+            p.grad = acc.to(p.dtype)
 
     def step(self, closure=None):
         loss = None
