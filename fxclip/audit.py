@@ -274,10 +274,15 @@ def _with_canaries(train_set: Dataset, canary_x, canary_y, included) -> TensorDa
 
 
 def _unsound_claim_smaller_clip(opt, factor: float) -> None:
-    """TESTING THE AUDIT ONLY, makes the privacy claim false: the noise (and thus the accounted
-    epsilon) is computed for a clipping bound `factor` times smaller than the one the module
-    applies. DPOptimizer refuses this at construction; the audit must catch it."""
-    opt.max_grad_norm = opt.max_grad_norm / factor
+    """TESTING THE AUDIT ONLY, makes the privacy claim false: the noise is drawn for a clipping
+    bound `factor` times smaller than the one the module applies, while the accountant still
+    records the configured noise multiplier. DPOptimizer refuses a noise bound below the module's;
+    this bypasses it on purpose (noise std sigma/factor * C_applied = sigma * C_claimed), and the
+    audit must catch it."""
+    sigma = opt.noise_multiplier
+    opt.noise_multiplier = sigma / factor
+    record = opt.accountant.step
+    opt.accountant.step = lambda _noise, rate, steps=1, **kw: record(sigma, rate, steps, **kw)
 
 
 def audit_training(model: nn.Module, train_set: Dataset, canaries, *, target_epsilon: float,

@@ -73,7 +73,9 @@ class LinearRoute(InstantiatedRoute):
     @staticmethod
     def _gram(ctx, node, layout, one_row):
         """One Gram matrix per (tensor, layout): q, k and v projections of one input share it."""
-        return ctx.once(("linear-gram", _structure(node), layout), lambda: ctx.builder.call(
+        # a layout's sizes may be SymInts (dynamic batch), which do not hash: key on their text
+        key = ("linear-gram", _structure(node), tuple(str(v) for v in (layout.dim, layout.outer, layout.inner)))
+        return ctx.once(key, lambda: ctx.builder.call(
             lambda x, b: _sample_gram(x, layout, b, one_row), node, ctx.bref))
 
     def ghost_factors(self, ctx):
