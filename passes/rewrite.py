@@ -53,9 +53,6 @@ class Context:
         self.after_output_grads = _descendants(output_grads)
         self.param_shape: tuple = ()
         self.param_numel = 0
-        # a sample given R = 0 (inf/NaN gradient, padding) may hold inf/NaN: reweighting must
-        # zero its values, since 0 * inf would be NaN
-        self.drop = True
         self._memo: dict = {}
 
     def per_sample(self, route):

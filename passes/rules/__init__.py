@@ -188,7 +188,7 @@ def _sample_factor(x: torch.Tensor, layout, clip: torch.Tensor):
 
 def scale_by_sample(x: torch.Tensor, layout, clip: torch.Tensor) -> torch.Tensor:
     """Multiply each sample's part of x by its clip factor (x keeps its shape). A dropped
-    sample (factor 0, nonfinite="drop") becomes exact zeros even where x holds inf/NaN."""
+    sample given factor 0 (inf/NaN gradient, padding) becomes exact zeros even where x holds inf/NaN."""
     split, factor = _sample_factor(x, layout, clip)
     return torch.where(factor > 0, split * factor, 0).reshape(x.shape)
 

@@ -116,11 +116,11 @@ class ConvWeightRoute(InstantiatedRoute):
     def reweighted(self, ctx, clip):
         if self.strategy == "instantiate":
             return super().reweighted(ctx, clip)
-        c, conv, lay, drop = self.contribution, self.conv, self.layout, ctx.drop
+        c, conv, lay = self.contribution, self.conv, self.layout
 
         def fn(go, x, w, r):
             go = scale_by_sample(go, lay, r)
-            x = zero_dropped(x, lay, r) if drop else x  # 0 * inf in the contraction would be NaN
+            x = zero_dropped(x, lay, r)  # a sample with R = 0 may hold inf: 0 * inf would be NaN
             gw = aten.convolution_backward(go, x, w, None, conv["stride"], conv["padding"],
                                            conv["dilation"], conv["transposed"], conv["output_padding"],
                                            conv["groups"], [False, True, False])[1]

@@ -94,16 +94,16 @@ class LinearRoute(InstantiatedRoute):
     def reweighted(self, ctx, clip):
         if self.strategy == "instantiate":
             return super().reweighted(ctx, clip)
-        c, lx, ly, drop = self.contribution, self.lx, self.ly, ctx.drop
+        c, lx, ly = self.contribution, self.lx, self.ly
         scale_x = size_hint(self.x.meta["val"].numel()) <= size_hint(self.y.meta["val"].numel())
 
         def fn(x, y, r):
             if scale_x:
                 x = scale_by_sample(x, lx, r)
-                y = zero_dropped(y, ly, r) if drop else y  # 0 * inf in the mm would be NaN
+                y = zero_dropped(y, ly, r)  # a sample with R = 0 may hold inf: 0 * inf in the mm is NaN
             else:
                 y = scale_by_sample(y, ly, r)
-                x = zero_dropped(x, lx, r) if drop else x
+                x = zero_dropped(x, lx, r)
             return replay(c.path, c.root, torch.mm(x, y))
 
         return ctx.builder.call(fn, self.x, self.y, clip)
