@@ -43,9 +43,9 @@ def parse_args():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--part", choices=("all", "lm", "classification"), default="all",
                    help="run both parts, or only the LoRA language model or the BERT classifier")
-    p.add_argument("--cls-samples", type=int, default=4000, help="classifier training sequences (half per class)")
+    p.add_argument("--cls-samples", type=int, default=8000, help="classifier training sequences (half per class)")
     p.add_argument("--cls-epochs", type=float, default=3.0)
-    p.add_argument("--cls-batch-size", type=int, default=256, help="classifier's expected (Poisson) batch size")
+    p.add_argument("--cls-batch-size", type=int, default=1024, help="classifier's expected (Poisson) batch size")
     p.add_argument("--cls-lr", type=float, default=3e-3)
     return p.parse_args()
 
