@@ -7,7 +7,9 @@ GPT-2 (built from a config, byte-level tokens) is pre-trained on without privacy
 the "private" corpus it is then fine-tuned on with LoRA, once privately (DPTrainer) and once
 plainly (Trainer), from the same weights. Printed: perplexity on held-out numpy docstrings
 (before fine-tuning, private, plain) and epsilon. Then a sequence-classification run: a small
-BERT, trained from scratch, tells torch from numpy docstring snippets, private vs plain.
+BERT, trained from scratch, tells numpy docstring snippets from ROT13-encoded ones (a label
+computable from the text: letter frequencies give it away), privately and plainly; printed:
+accuracy on held-out snippets (0.5 is chance) and epsilon. `--part classification` runs only it.
 """
 from __future__ import annotations
 
@@ -39,6 +41,12 @@ def parse_args():
     p.add_argument("--batch-size", type=int, default=64, help="expected (Poisson) batch size")
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--part", choices=("all", "lm", "classification"), default="all",
+                   help="run both parts, or only the LoRA language model or the BERT classifier")
+    p.add_argument("--cls-samples", type=int, default=8000, help="classifier training sequences (half per class)")
+    p.add_argument("--cls-epochs", type=float, default=3.0)
+    p.add_argument("--cls-batch-size", type=int, default=1024, help="classifier's expected (Poisson) batch size")
+    p.add_argument("--cls-lr", type=float, default=3e-3)
     return p.parse_args()
 
 
@@ -145,10 +153,19 @@ def classifier(seed):
     return transformers.BertForSequenceClassification(config)
 
 
-def classification_set(torch_ids, numpy_ids):
-    cls = torch.full((1,), CLS)
+def rot13(ids: torch.Tensor) -> torch.Tensor:
+    """Byte-token ids with each ASCII letter moved 13 places along the alphabet."""
+    table = torch.arange(258)
+    for first in (ord("a"), ord("A")):
+        table[first + 1: first + 27] = (torch.arange(26) + 13) % 26 + first + 1
+    return table[ids]
+
+
+def classification_set(ids: torch.Tensor) -> list[dict]:
+    """Label 0: the first half of the snippets as they are; label 1: the second half, ROT13-encoded."""
+    cls, half = torch.full((1,), CLS), len(ids) // 2
     return [{"input_ids": torch.cat([cls, x]), "labels": torch.tensor(label)}
-            for label, ids in ((0, torch_ids), (1, numpy_ids)) for x in ids]
+            for label, part in ((0, ids[:half]), (1, rot13(ids[half:]))) for x in part]
 
 
 def accuracy(trainer, dataset) -> float:
@@ -156,18 +173,18 @@ def accuracy(trainer, dataset) -> float:
     return float((predictions.predictions.argmax(-1) == predictions.label_ids).mean())
 
 
-def sequence_classification(args, torch_train, torch_eval, numpy_train, numpy_eval):
-    train_set = classification_set(torch_train, numpy_train)
-    eval_set = classification_set(torch_eval, numpy_eval)
-    hyper = dict(per_device_train_batch_size=args.batch_size, num_train_epochs=args.epochs, learning_rate=2e-3,
-                 seed=args.seed)
-    private, _, secs = train(DPTrainer, DPTrainingArguments, classifier(args.seed), train_set, eval_set,
+def sequence_classification(args, train_ids, eval_ids):
+    train_set, eval_set = classification_set(train_ids), classification_set(eval_ids)
+    hyper = dict(per_device_train_batch_size=args.cls_batch_size, num_train_epochs=args.cls_epochs,
+                 learning_rate=args.cls_lr, warmup_steps=5, seed=args.seed)
+    private, _, secs = train(DPTrainer, DPTrainingArguments, classifier(args.seed), train_set, None,
                              target_epsilon=args.epsilon, target_delta=args.delta,
                              max_grad_norm=args.max_grad_norm, **hyper)
-    print(f"sequence classification, torch vs numpy docstrings ({len(train_set)} training sequences):")
+    print(f"sequence classification, numpy docstrings plain vs ROT13 ({len(train_set)} training sequences, "
+          f"{len(eval_set)} held out):")
     print(f"  BERT, private (DPTrainer): accuracy {accuracy(private, eval_set):.3f}, epsilon "
           f"{private.epsilon:.2f}, {secs:.0f} s")
-    plain, _, secs = train(Trainer, TrainingArguments, classifier(args.seed), train_set, eval_set, **hyper)
+    plain, _, secs = train(Trainer, TrainingArguments, classifier(args.seed), train_set, None, **hyper)
     print(f"  BERT, plain (Trainer):     accuracy {accuracy(plain, eval_set):.3f}, {secs:.0f} s")
 
 
@@ -177,11 +194,11 @@ def main():
     torch_train, torch_eval = split(docstrings(torch, torch.nn, torch.nn.functional, torch.Tensor), args.seed)
     numpy_train, numpy_eval = split(docstrings(numpy, numpy.linalg, numpy.random), args.seed)
     n, n_eval = args.samples, max(args.samples // 8, 64)
-    public, private_train, private_eval = chunks(torch_train, n), chunks(numpy_train, n), chunks(numpy_eval, n_eval)
-    language_model(args, public, private_train, private_eval)
-    half = n // 2
-    sequence_classification(args, chunks(torch_train, half), chunks(torch_eval, n_eval // 2),
-                            private_train[:half], private_eval[: n_eval // 2])
+    if args.part in ("all", "lm"):
+        language_model(args, chunks(torch_train, n), chunks(numpy_train, n), chunks(numpy_eval, n_eval))
+    if args.part in ("all", "classification"):
+        sequence_classification(args, chunks(numpy_train, args.cls_samples),
+                                chunks(numpy_eval, max(args.cls_samples // 8, 128)))
 
 
 if __name__ == "__main__":
