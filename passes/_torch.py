@@ -252,3 +252,16 @@ def joint_graphs_on_fake_device(module, inputs, device: str, joint_pass) -> list
     except _Traced:
         pass
     return graphs
+
+
+def real_tensors():
+    """A context in which tensors are real again (the joint-graph pass runs under the fake mode
+    of the trace) and autograd is off: for timing candidate kernels at compile time."""
+    import contextlib
+
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(unset_fake_temporarily())
+    stack.enter_context(torch.no_grad())
+    return stack

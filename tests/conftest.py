@@ -19,3 +19,9 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.ge
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def model_costs(monkeypatch):
+    """Strategy choices from the cost model alone (no compile-time timing): deterministic."""
+    monkeypatch.setenv("FXCLIP_STRATEGY", "model")

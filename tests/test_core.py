@@ -85,7 +85,7 @@ def test_random_architectures_match_reference(blocks, seq, batch, width, clip, r
             assert route.rule in (EXPECTED_RULES[kind] if batch > 1 else {"batch_of_one"}), route
 
 
-def test_linear_strategy_follows_cost_model():
+def test_linear_strategy_follows_cost_model(model_costs):
     wide = nn.Sequential(nn.Linear(64, 64)).double()  # T*(m+k) = 2*128 < m*k: ghost
     long_seq = nn.Sequential(nn.Linear(4, 4)).double()  # T*(m+k) = 40*8 > 16: instantiate
     for model, shape, strategy in [(wide, (3, 2, 64), "ghost"), (long_seq, (3, 40, 4), "instantiate")]:

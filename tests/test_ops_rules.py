@@ -71,7 +71,7 @@ class QKV(nn.Module):
         return torch.tanh(s.q(x)) * s.k(x) + s.v(x)
 
 
-def test_linear_ghost_shares_the_input_gram_across_projections():
+def test_linear_ghost_shares_the_input_gram_across_projections(model_costs):
     before = fired("linear")
     routes = run_check(QKV(), (torch.randn(4, 3, 16, dtype=D),))
     assert all(routes[f"{n}.weight"].strategy == "ghost" for n in "qkv")  # T=3: T^2 (m+k) < T m k
@@ -350,7 +350,7 @@ def test_tied_embedding_head_ghost_cross_terms():
     assert fired("embedding") > before[0] and fired("linear") > before[1]
 
 
-def test_tied_lm_never_instantiates_table(monkeypatch):
+def test_tied_lm_never_instantiates_table(monkeypatch, model_costs):
     """Large vocabulary: every use and the cross term are ghost (no B x V x d tensor)."""
 
     class LM(nn.Module):

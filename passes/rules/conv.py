@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from ..layout import Layout, size_hint
-from . import InstantiatedRoute, cost, normalized, replay, rule, scale_by_sample, weighted_sum, zero_dropped
+from . import (InstantiatedRoute, cost, norm_sq_of, normalized, replay, rule, scale_by_sample, weighted_sum,
+               zero_dropped)
 
 aten = torch.ops.aten
 
@@ -91,6 +92,38 @@ def _per_sample_weight_grad(go, x, w, conv, batch):
     return torch.vmap(one)(gos, xs)
 
 
+def _ghost_weighted(go, x, w, r, conv, lay):
+    """sum_i R_i grad_i: one convolution_backward on R-scaled output gradients."""
+    go = scale_by_sample(go, lay, r)
+    x = zero_dropped(x, lay, r)  # a sample with R = 0 may hold inf: 0 * inf would be NaN
+    return aten.convolution_backward(go, x, w, None, conv["stride"], conv["padding"], conv["dilation"],
+                                     conv["transposed"], conv["output_padding"], conv["groups"],
+                                     [False, True, False])[1]
+
+
+def _candidates(grad_out, x, weight, conv, lay, batch: int) -> cost.Candidates:
+    """Both strategies of one conv weight on random tensors of its shapes, for timing."""
+    values = [n.meta["val"] for n in (grad_out, x, weight)]
+    wshape = tuple(size_hint(s) for s in values[2].shape)
+
+    def make_inputs():
+        gen = cost.generator_for(values[0].device)
+        return (*(cost.random_like(v, gen) for v in values),
+                torch.rand(batch, generator=gen, device=values[0].device))
+
+    def ghost(go, x, w, r):
+        return conv_ghost_norm_sq(go, x, wshape, None, conv, batch), _ghost_weighted(go, x, w, r, conv, lay)
+
+    def instantiate(go, x, w, r):
+        per = _per_sample_weight_grad(go, x, w, conv, batch)
+        return norm_sq_of(per), weighted_sum(per, r)
+
+    key = ("conv", batch, str(lay), repr(sorted(conv.items())), values[0].dtype, str(values[0].device),
+           *(tuple(map(str, v.shape)) + tuple(map(str, v.stride())) for v in values))
+    held = sum(size_hint(v.numel()) * v.element_size() for v in values[:2])
+    return cost.Candidates(key, make_inputs, ghost, instantiate, held)
+
+
 class ConvWeightRoute(InstantiatedRoute):
     def __init__(self, strategy, contribution, grad_out, x, weight, conv, layout, **kw):
         super().__init__("conv", strategy, contribution, **kw)
@@ -118,15 +151,8 @@ class ConvWeightRoute(InstantiatedRoute):
             return super().reweighted(ctx, clip)
         c, conv, lay = self.contribution, self.conv, self.layout
 
-        def fn(go, x, w, r):
-            go = scale_by_sample(go, lay, r)
-            x = zero_dropped(x, lay, r)  # a sample with R = 0 may hold inf: 0 * inf would be NaN
-            gw = aten.convolution_backward(go, x, w, None, conv["stride"], conv["padding"],
-                                           conv["dilation"], conv["transposed"], conv["output_padding"],
-                                           conv["groups"], [False, True, False])[1]
-            return replay(c.path, c.root, gw)
-
-        return ctx.builder.call(fn, self.grad_out, self.x, self.weight, clip)
+        return ctx.builder.call(lambda go, x, w, r: replay(c.path, c.root, _ghost_weighted(go, x, w, r, conv, lay)),
+                                self.grad_out, self.x, self.weight, clip)
 
 
 class ConvBiasRoute(InstantiatedRoute):
@@ -155,9 +181,9 @@ class ConvBiasRoute(InstantiatedRoute):
         return ctx.builder.call(fn, self.grad_out, clip)
 
 
-def choose(batch, T, groups, d, p):
+def choose(batch, T, groups, d, p, candidates=None):
     """(strategy, extra flops, held bytes) of the cheaper way to get a conv weight's per-sample norms."""
-    return cost.choose(batch, T, p, d, groups).as_tuple()
+    return cost.choose(batch, T, p, d, groups, candidates).as_tuple()
 
 
 @rule("conv")
@@ -189,7 +215,9 @@ def match_conv(contribution, ctx):
     if conv["transposed"]:
         strategy, flops, nbytes = "instantiate", 2 * batch * T * math.prod(wshape), 4 * batch * math.prod(wshape)
     else:
-        strategy, flops, nbytes = choose(batch, T, g, math.prod(wshape[1:]), wshape[0] // g)
-        shapes.update(cost.choose(batch, T, wshape[0] // g, math.prod(wshape[1:]), g).describe())
+        candidates = _candidates(grad_out, x, weight, conv, lay, batch)
+        strategy, flops, nbytes = choose(batch, T, g, math.prod(wshape[1:]), wshape[0] // g, candidates)
+        # the same choice again (measurements are cached): its costs and times for explain
+        shapes.update(cost.choose(batch, T, wshape[0] // g, math.prod(wshape[1:]), g, candidates).describe())
     return ConvWeightRoute(strategy, contribution, grad_out, x, weight, conv, lay, shapes=shapes,
                            extra_flops=flops, extra_bytes=nbytes)

@@ -13,6 +13,13 @@ plain backward:
   (squared norms, then the weighted sum), 2 B m k FLOPs.
 cost = memory traffic in bytes + FLOPs / FLOPS_PER_BYTE; the cheaper strategy wins.
 
+The model only orders candidates whose costs are far apart. Where they are within
+MEASURE_WITHIN of each other (a bmm's speed against one mm's, cache effects, the device: the
+estimate can be off by several times), both candidates' functions run on random tensors of the
+layer's real shapes, dtype and device at compile time, and the faster one is taken, as Inductor's
+autotuning picks kernels; results are cached per shape for the process. FXCLIP_STRATEGY=model
+turns the measurement off (deterministic choices from the model alone).
+
 FLOPS_PER_BYTE = 16 is roughly the balance point of a CPU core or a GPU's memory system on these
 small, bandwidth-bound ops. BATCHED_PENALTY = 2: a bmm of 16 per-sample (128 x 64)(64 x 128)
 products took 3.5x the time of the one (128 x 1024)(1024 x 128) mm it replaces on a 2-core CPU
@@ -21,11 +28,22 @@ which run closer to one mm's speed.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .. import _torch
 
 FLOPS_PER_BYTE = 16
 BATCHED_PENALTY = 2.0
 FLOAT_BYTES = 4
+MEASURE_WITHIN = 8.0  # measure when the model's two costs are within this factor
+MEASURE_MAX_BYTES = 256 << 20  # never build larger per-sample or Gram tensors just to time them
+ROUNDS = 4  # interleaved timing rounds per candidate; the first is a warm-up
+BUDGET_S = 0.2  # per layer: no further rounds once the timed calls took this long
 
 
 @dataclass(frozen=True)
@@ -35,13 +53,18 @@ class Choice:
     held_bytes: int  # extra memory it holds until the clip factors exist
     ghost_cost: float  # both candidates' costs (bytes + flops / FLOPS_PER_BYTE), for explain
     inst_cost: float
+    measured: dict = field(default_factory=dict)  # strategy -> seconds, when timed
 
     def as_tuple(self):
         return self.strategy, self.flops, self.held_bytes
 
     def describe(self) -> dict:
         """Entries for the route's `shapes` (shown by explain): both candidates' estimated costs."""
-        return {"ghost cost": _mb(self.ghost_cost), "instantiate cost": _mb(self.inst_cost)}
+        shown = {"ghost cost": _mb(self.ghost_cost), "instantiate cost": _mb(self.inst_cost)}
+        for strategy, seconds in self.measured.items():
+            shown[f"{strategy} time"] = f"{seconds * 1e6:.0f}us"
+        shown["chosen by"] = "measured" if self.measured else "model"
+        return shown
 
 
 def _mb(cost: float) -> str:
@@ -70,9 +93,100 @@ def instantiate_cost(batch: int, T: int, m: int, k: int, groups: int = 1) -> tup
     return flops, held, traffic + flops / FLOPS_PER_BYTE
 
 
-def choose(batch: int, T: int, m: int, k: int, groups: int = 1) -> Choice:
+@dataclass
+class Candidates:
+    """Both strategies of one layer, runnable for timing: make_inputs() builds real tensors of
+    the layer's shapes; each function takes them and does that strategy's work (norms and
+    reweighted gradient)."""
+    key: tuple  # everything the timing depends on (shapes, strides, dtype, device, options)
+    make_inputs: Callable[[], tuple]
+    ghost: Callable
+    instantiate: Callable
+    operand_bytes: int = 0  # the layer's activation and output gradient, held by the graph anyway
+
+
+def choose(batch: int, T: int, m: int, k: int, groups: int = 1, candidates: Candidates | None = None) -> Choice:
     g_flops, g_held, g_cost = ghost_cost(batch, T, m, k, groups)
     i_flops, i_held, i_cost = instantiate_cost(batch, T, m, k, groups)
-    if g_cost <= i_cost:
-        return Choice("ghost", g_flops, g_held, g_cost, i_cost)
-    return Choice("instantiate", i_flops, i_held, g_cost, i_cost)
+    measured = {}
+    # every instantiated layer's per-sample gradients live until the clip factors exist: time
+    # instantiation only where they are no larger than what the layer holds anyway
+    if candidates is not None and i_held <= candidates.operand_bytes and _worth_measuring(g_cost, i_cost, g_held):
+        measured = measure(candidates)
+    if measured:
+        ghost = measured["ghost"] <= measured["instantiate"]
+    else:
+        ghost = g_cost <= i_cost
+    if ghost:
+        return Choice("ghost", g_flops, g_held, g_cost, i_cost, measured)
+    return Choice("instantiate", i_flops, i_held, g_cost, i_cost, measured)
+
+
+def _worth_measuring(g_cost: float, i_cost: float, held: int) -> bool:
+    if os.environ.get("FXCLIP_STRATEGY", "measure") == "model":
+        return False
+    return held <= MEASURE_MAX_BYTES and max(g_cost, i_cost) <= MEASURE_WITHIN * min(g_cost, i_cost)
+
+
+_measured: dict[tuple, dict] = {}
+
+
+def measure(candidates: Candidates) -> dict:
+    """{strategy: seconds} (min over timed rounds), cached by key; {} where the layer cannot be
+    run here (a meta or fake device, an error, symbolic strides): the model decides then."""
+    if candidates.key not in _measured:
+        _measured[candidates.key] = _time_candidates(candidates)
+    return _measured[candidates.key]
+
+
+def _time_candidates(candidates: Candidates) -> dict:
+    fns = {"ghost": candidates.ghost, "instantiate": candidates.instantiate}
+    times = {name: [] for name in fns}
+    try:
+        with _torch.real_tensors():
+            inputs = candidates.make_inputs()
+            if any(t.device.type == "meta" for t in inputs if isinstance(t, torch.Tensor)):
+                return {}
+            spent = 0.0
+            for _ in range(ROUNDS):
+                for name, fn in fns.items():
+                    times[name].append(_time_once(fn, inputs))
+                spent += sum(ts[-1] for ts in times.values())
+                if spent > BUDGET_S:
+                    break
+    except Exception:  # timing is an optimization: never let it break a compile
+        return {}
+    return {name: min(ts[1:] or ts) for name, ts in times.items()}
+
+
+def _time_once(fn, inputs) -> float:
+    device = next(t.device for t in inputs if isinstance(t, torch.Tensor))
+    _synchronize(device)
+    start = time.perf_counter()
+    fn(*inputs)
+    _synchronize(device)
+    return time.perf_counter() - start
+
+
+def _synchronize(device) -> None:
+    if device.type != "cpu":
+        getattr(torch, device.type).synchronize(device)
+
+
+def random_like(value, generator: torch.Generator) -> torch.Tensor:
+    """A real tensor with `value`'s (hinted) shape, strides, dtype and device, filled from
+    `generator` (so timing never moves the user's random streams)."""
+    from ..layout import size_hint
+
+    shape = [size_hint(s) for s in value.shape]
+    stride = [size_hint(s) for s in value.stride()]
+    if any(st == 0 for st, n in zip(stride, shape) if n > 1):  # an expanded view: time a dense copy
+        stride = torch.empty(shape, device="meta").stride()
+    out = torch.empty_strided(shape, stride, dtype=value.dtype, device=value.device)
+    if out.is_floating_point():
+        return out.normal_(generator=generator)
+    return out.random_(0, 2, generator=generator)
+
+
+def generator_for(device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(0)

@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 
 from ..layout import Layout, known_equal, size_hint
-from . import InstantiatedRoute, cost, normalized, replay, rule, scale_by_sample, split_batch, zero_dropped
+from . import (InstantiatedRoute, cost, norm_sq_of, normalized, replay, rule, scale_by_sample, split_batch,
+               weighted_sum, zero_dropped)
 
 aten = torch.ops.aten
 
@@ -48,6 +49,55 @@ def _structure(node):
     return node
 
 
+def _per_sample_products(x, y, lx: Layout, ly: Layout, batch: int):
+    """(B, m, k): every sample's X_i Y_i, one bmm."""
+    return torch.bmm(_rows(x, lx, batch).transpose(1, 2), _rows(y, ly, batch))
+
+
+def _scale_x(x, y) -> bool:
+    """Reweighting scales the smaller operand's rows."""
+    return size_hint(x.meta["val"].numel()) <= size_hint(y.meta["val"].numel())
+
+
+def _ghost_weighted(x, y, lx: Layout, ly: Layout, r, scale_x: bool):
+    """sum_i R_i X_i Y_i as one mm on R-scaled rows."""
+    if scale_x:
+        x = scale_by_sample(x, lx, r)
+        y = zero_dropped(y, ly, r)  # a sample with R = 0 may hold inf: 0 * inf in the mm is NaN
+    else:
+        y = scale_by_sample(y, ly, r)
+        x = zero_dropped(x, lx, r)
+    return torch.mm(x, y)
+
+
+def _candidates(x, y, lx: Layout, ly: Layout, batch: int, one_row: bool) -> cost.Candidates:
+    """Both strategies of one linear weight on random tensors of its shapes, for timing."""
+    scale_x = _scale_x(x, y)
+    vx, vy = x.meta["val"], y.meta["val"]
+
+    def make_inputs():
+        gen = cost.generator_for(vx.device)
+        return (cost.random_like(vx, gen), cost.random_like(vy, gen),
+                torch.empty(batch, device=vx.device), torch.rand(batch, generator=gen, device=vx.device))
+
+    def ghost(x, y, bref, r):
+        norms = _gram_product(_sample_gram(x, lx, bref, one_row), _sample_gram(y, ly, bref, one_row))
+        return norms, _ghost_weighted(x, y, lx, ly, r, scale_x)
+
+    def instantiate(x, y, bref, r):
+        per = _per_sample_products(x, y, lx, ly, batch)
+        return norm_sq_of(per), weighted_sum(per, r)
+
+    key = ("linear", batch, str(lx), str(ly), one_row, vx.dtype, str(vx.device),
+           tuple(map(str, vx.shape)), tuple(map(str, vx.stride())), tuple(map(str, vy.shape)),
+           tuple(map(str, vy.stride())))
+    return cost.Candidates(key, make_inputs, ghost, instantiate, _bytes(vx) + _bytes(vy))
+
+
+def _bytes(value) -> int:
+    return size_hint(value.numel()) * value.element_size()
+
+
 class LinearRoute(InstantiatedRoute):
     def __init__(self, strategy, contribution, x, y, lx, ly, **kw):
         super().__init__("linear", strategy, contribution, **kw)
@@ -57,8 +107,7 @@ class LinearRoute(InstantiatedRoute):
         c, lx, ly = self.contribution, self.lx, self.ly
 
         def fn(x, y, bref):
-            batch = bref.shape[0]
-            per = torch.bmm(_rows(x, lx, batch).transpose(1, 2), _rows(y, ly, batch))
+            per = _per_sample_products(x, y, lx, ly, bref.shape[0])
             return torch.vmap(lambda v: replay(c.path, c.root, v))(per)
 
         return ctx.builder.call(fn, self.x, self.y, ctx.bref)
@@ -95,18 +144,9 @@ class LinearRoute(InstantiatedRoute):
         if self.strategy == "instantiate":
             return super().reweighted(ctx, clip)
         c, lx, ly = self.contribution, self.lx, self.ly
-        scale_x = size_hint(self.x.meta["val"].numel()) <= size_hint(self.y.meta["val"].numel())
-
-        def fn(x, y, r):
-            if scale_x:
-                x = scale_by_sample(x, lx, r)
-                y = zero_dropped(y, ly, r)  # a sample with R = 0 may hold inf: 0 * inf in the mm is NaN
-            else:
-                y = scale_by_sample(y, ly, r)
-                x = zero_dropped(x, lx, r)
-            return replay(c.path, c.root, torch.mm(x, y))
-
-        return ctx.builder.call(fn, self.x, self.y, clip)
+        scale_x = _scale_x(self.x, self.y)
+        return ctx.builder.call(lambda x, y, r: replay(c.path, c.root, _ghost_weighted(x, y, lx, ly, r, scale_x)),
+                                self.x, self.y, clip)
 
 
 
@@ -134,7 +174,9 @@ def match_linear(contribution, ctx):
         return None
     T = size_hint(lx.inner) * size_hint(lx.outer)  # rows per sample (outer > 1: sequence-first)
     m, k = size_hint(x.meta["val"].shape[0]), size_hint(y.meta["val"].shape[1])
-    choice = cost.choose(ctx.batch_hint, T, m, k)
+    one_row = known_equal(lx.inner, 1) and known_equal(lx.outer, 1)
+    choice = cost.choose(ctx.batch_hint, T, m, k,
+                         candidates=_candidates(x, y, lx, ly, ctx.batch_hint, one_row))
     shapes = {"B": str(ctx.batch_size), "T": str(lx.inner), "m": str(m), "k": str(k), **choice.describe()}
     return LinearRoute(choice.strategy, contribution, x, y, lx, ly, shapes=shapes,
                        extra_flops=choice.flops, extra_bytes=choice.held_bytes)
