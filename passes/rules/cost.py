@@ -43,6 +43,7 @@ FLOAT_BYTES = 4
 MEASURE_WITHIN = 8.0  # measure when the model's two costs are within this factor
 MEASURE_MAX_BYTES = 256 << 20  # never build larger per-sample or Gram tensors just to time them
 ROUNDS = 4  # interleaved timing rounds per candidate; the first is a warm-up
+HELD_PER_OPERAND_BYTE = 2  # instantiation may hold up to 2x the layer's activation + output gradient
 BUDGET_S = 0.2  # per layer: no further rounds once the timed calls took this long
 
 
@@ -110,8 +111,9 @@ def choose(batch: int, T: int, m: int, k: int, groups: int = 1, candidates: Cand
     i_flops, i_held, i_cost = instantiate_cost(batch, T, m, k, groups)
     measured = {}
     # every instantiated layer's per-sample gradients live until the clip factors exist: time
-    # instantiation only where they are no larger than what the layer holds anyway
-    if candidates is not None and i_held <= candidates.operand_bytes and _worth_measuring(g_cost, i_cost, g_held):
+    # instantiation only where they stay within twice what the layer holds anyway
+    if (candidates is not None and i_held <= HELD_PER_OPERAND_BYTE * candidates.operand_bytes
+            and _worth_measuring(g_cost, i_cost, g_held)):
         measured = measure(candidates)
     if measured:
         ghost = measured["ghost"] <= measured["instantiate"]
