@@ -1,0 +1,50 @@
+"""The per-step fixed costs: what the traced forward reads (few Dynamo guards), and the clipped
+sum a DPOptimizer gets straight from the graph (no gradient hook, no extra gradient-sized tensor)."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxclip
+from reference import per_sample_reference
+
+C = 0.3
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+
+
+def _data(b=5, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, 6, dtype=torch.float64, generator=g), torch.randint(0, 3, (b,), generator=g)
+
+
+def _assert_grads(model, ref):
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, ref[n], rtol=1e-9, atol=1e-12, msg=n)
+        else:
+            assert p.grad is None, n
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_flipped_requires_grad_respecializes_the_graph(compiled):
+    model = _mlp()
+    pm = fxclip.privatize(model, max_grad_norm=C, loss_reduction="sum")
+    run = torch.compile(pm) if compiled else pm
+    x, y = _data()
+    # trainable, then the first layer's weight frozen, then trainable again
+    for frozen in ((), ("0.weight",), ()):
+        for n, p in model.named_parameters():
+            p.requires_grad_(n not in frozen)
+            p.grad = None
+        F.cross_entropy(run(x), y, reduction="sum").backward()
+        ref, _ = per_sample_reference(model, (x,), y, F.cross_entropy, C, loss_reduction="sum")
+        _assert_grads(model, ref)
+        if compiled:  # the graph's own report: the one of these trainable parameters
+            report = pm.last_report
+            assert report is not None and report.frozen == list(frozen)
+            assert sorted(r.name for r in report.params) == sorted(
+                n for n, p in model.named_parameters() if p.requires_grad)
