@@ -111,6 +111,12 @@ class PrivatizedModule(nn.Module):
             for name in ops.CUMULATIVE:
                 self._fxclip_state[ops.STATE[name]] = 0.0
 
+    def _add_owner(self, count: int) -> None:
+        """A DPOptimizer takes (+1) or gives up (-1) this module: while one owns it, the backward
+        leaves the clipped sum for loss_reduction="mean" (a device write: no recompile)."""
+        with torch.no_grad():
+            self._fxclip_state[ops.STATE["owners"]] += count
+
     def set_valid_rows(self, rows: float) -> None:
         """Only the first `rows` rows of the coming batches are real samples; the others are
         padding and get weight exactly 0 (float("inf"): every row is real)."""

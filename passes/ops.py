@@ -92,6 +92,8 @@ STATE_FIELDS = (
     "backwards",    # backward passes seen
     "valid_rows",   # how many leading rows of the coming batches are real (inf: all)
     "unclipped",    # real samples whose norm was <= C (adaptive clipping's count)
+    "owners",       # DPOptimizers that own the module: while > 0, loss_reduction="mean" leaves the
+                    # clipped SUM (R_i scaled by this backward's rows), which they noise and divide
 )
 STATE = {name: i for i, name in enumerate(STATE_FIELDS)}
 CUMULATIVE = ("nonfinite", "bad_seed", "samples", "backwards", "unclipped")

@@ -48,3 +48,37 @@ def test_a_flipped_requires_grad_respecializes_the_graph(compiled):
             assert report is not None and report.frozen == list(frozen)
             assert sorted(r.name for r in report.params) == sorted(
                 n for n, p in model.named_parameters() if p.requires_grad)
+
+
+def _expected_sum(model, x, y):
+    ref, _ = per_sample_reference(model, (x,), y, F.cross_entropy, C, loss_reduction="sum")
+    return ref
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_an_owning_dp_optimizer_gets_the_clipped_sum_from_the_graph_itself(compiled):
+    """loss_reduction="mean": while a DPOptimizer owns the module, the backward leaves
+    sum_i R_i grad_i (each backward scaled by its own B, micro-batches of different sizes), with
+    no gradient hook (a hook's grad * B is a second gradient-sized tensor per parameter); without
+    one, or after remove_hooks(), it leaves the mean."""
+    model = _mlp()
+    pm = fxclip.privatize(model, max_grad_norm=C, loss_reduction="mean")
+    run = torch.compile(pm) if compiled else pm
+    x, y = _data(b=7)
+    F.cross_entropy(run(x), y).backward()
+    _assert_grads(model, {n: g / 7 for n, g in _expected_sum(model, x, y).items()})
+
+    opt = fxclip.DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), pm, noise_multiplier=0.0,
+                             expected_batch_size=7)
+    assert all(not p._backward_hooks for p in model.parameters())
+    opt.zero_grad()
+    for xb, yb in zip(x.split([3, 4]), y.split([3, 4])):
+        F.cross_entropy(run(xb), yb).backward()
+    _assert_grads(model, _expected_sum(model, x, y))
+    assert pm.read_state()["owners"] == 1
+    opt.zero_grad()  # resetting the counts keeps the owner
+    assert pm.read_state()["owners"] == 1
+
+    opt.remove_hooks()
+    F.cross_entropy(run(x), y).backward()
+    _assert_grads(model, {n: g / 7 for n, g in _expected_sum(model, x, y).items()})
