@@ -208,11 +208,11 @@ class PrivatizedModule(nn.Module):
         names, frozen, groups = _spec_strings(self._table, trainable)
         spec = (self._fxclip_state, self._fxclip_thresholds, self._loss_scale(), names, frozen, groups,
                 self.loss_reduction == "mean", checked)
-        args, kwargs, target = (_map_tensors(ops.batch_input, t) for t in (args, kwargs, target))
+        args, kwargs, target = (_map_tensors(ops.BATCH_INPUT, t) for t in (args, kwargs, target))
         out = self.module(*args, **kwargs)
         if checked:  # the pass checks that these are per-sample losses (B,)
             out = self.loss_fn(out, target)
-        return _map_tensors(lambda y: ops.batch_output(y, params, *spec) if y.is_floating_point() else y,
+        return _map_tensors(lambda y: ops.BATCH_OUTPUT(y, params, *spec) if y.is_floating_point() else y,
                             out)
 
     def _loss_scale(self) -> torch.Tensor:
