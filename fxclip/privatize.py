@@ -47,7 +47,7 @@ class PrivatizedModule(nn.Module):
         self._scaled = grad_scaler is not None and grad_scaler.is_enabled()
         self._group_of = _clipping_groups(model, clipping)
         self._labels = list(dict.fromkeys(self._group_of.values()))
-        self._table = _ParamTable(self._group_of, self._labels)
+        self._table = _ParamTable([n for n, _ in model.named_parameters()], self._group_of, self._labels)
         device = _device_of(model)
         # Runtime values the graph reads and writes on the device (non-persistent: not in
         # state_dict). Tensors, not Python numbers, so that changing them never recompiles.
@@ -228,9 +228,9 @@ class _ParamTable:
     thresholds), fixed at privatize() like the groups. Traced code reads it only through the
     constant-result functions below: Dynamo guards its identity, not every name in it."""
 
-    def __init__(self, group_of: dict, labels: list):
+    def __init__(self, names: list, group_of: dict, labels: list):
         index = {g: i for i, g in enumerate(labels)}
-        self.names = tuple(group_of)
+        self.names = tuple(names)
         self.groups = tuple(index[group_of[n]] for n in self.names)
         self.paths = tuple(tuple(n.split(".")) for n in self.names)
 
