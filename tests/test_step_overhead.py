@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxclip
+from fxclip.passes.report import rule_counters
 from reference import per_sample_reference
 
 C = 0.3
@@ -67,10 +68,15 @@ def test_an_owning_dp_optimizer_gets_the_clipped_sum_from_the_graph_itself(compi
     x, y = _data(b=7)
     F.cross_entropy(run(x), y).backward()
     _assert_grads(model, {n: g / 7 for n, g in _expected_sum(model, x, y).items()})
+    rewrites = sum(rule_counters.values())
 
     opt = fxclip.DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), pm, noise_multiplier=0.0,
                              expected_batch_size=7)
     assert all(not p._backward_hooks for p in model.parameters())
+    opt.zero_grad()
+    F.cross_entropy(run(x), y).backward()
+    _assert_grads(model, _expected_sum(model, x, y))
+    assert sum(rule_counters.values()) == rewrites  # a runtime value: the same graph, no rewrite
     opt.zero_grad()
     for xb, yb in zip(x.split([3, 4]), y.split([3, 4])):
         F.cross_entropy(run(xb), yb).backward()
