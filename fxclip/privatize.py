@@ -195,7 +195,7 @@ class PrivatizedModule(nn.Module):
         return self.module.load_state_dict(state_dict, strict=strict, assign=assign)
 
     def _current_params(self) -> list:
-        """The model's parameters, looked up by name: under Dynamo this adds no guard beyond the
+        """The model's parameters, looked up by path: under Dynamo this adds few guards beyond the
         ones the model's own forward needs (a named_parameters() walk adds hundreds)."""
         return [_parameter(self.module, path) for path in _param_paths(self._table)]
 
@@ -220,7 +220,6 @@ class PrivatizedModule(nn.Module):
         if self._scaled:
             return _torch.grad_scaler_scale(self.grad_scaler)
         return self._fxclip_state.new_ones(())
-
 
 
 class _ParamTable:
