@@ -1,19 +1,19 @@
 """DPOptimizer: Gaussian noise on the clipped gradient sum, then any torch optimizer's step.
 
-The privatized module's backward leaves p.grad = (1/B if "mean" else 1) * sum_i R_i grad_i for the
+A privatized module's backward leaves p.grad = (1/B if "mean" else 1) * sum_i R_i grad_i for the
 ACTUAL batch size B. DP-SGD needs
 
     update gradient = (sum_i R_i grad_i + N(0, sigma^2 C^2)) / expected_batch_size   ("mean")
     update gradient =  sum_i R_i grad_i + N(0, sigma^2 C^2)                          ("sum")
 
 Dividing by the expected (not the actual) batch size keeps the sensitivity fixed under Poisson
-sampling: the actual size depends on who is in the batch. To get the plain sum back we scale each
-backward's contribution by its own B in a gradient hook, before it is accumulated into .grad;
-that makes gradient accumulation exact even when micro-batches differ in size.
+sampling: the actual size depends on who is in the batch. So while a DPOptimizer owns the module
+(a runtime field of its device state), the graph scales each backward's clip factors by that
+backward's own B and leaves the plain clipped sum: gradient accumulation stays exact when
+micro-batches differ in size, with no gradient hook and no second gradient-sized tensor.
 """
 from __future__ import annotations
 
-import functools
 import math
 import os
 from collections import OrderedDict
@@ -125,9 +125,8 @@ class DPOptimizer(torch.optim.Optimizer):
 
     Gradient accumulation: call backward on several micro-batches, then step() once. The noise
     is added once and the accountant counts one step per step() call (a logical batch).
-    Keep one forward per backward: the rescale reads each backward's batch size from
-    pm.per_sample_norms, so summing the losses of two forwards into one backward is refused
-    neither here nor by torch, but would be mis-scaled for "mean".
+    For loss_reduction="mean" the module's backward leaves the clipped sum while this optimizer
+    owns it (until remove_hooks()): each graph scales its clip factors by its own batch size.
     A step() with no backward since zero_grad() (an empty Poisson batch) still adds noise and
     is counted: skipping it would leak that the batch was empty.
 
@@ -227,8 +226,9 @@ class DPOptimizer(torch.optim.Optimizer):
         self.adaptive_clipping = adaptive_clipping
         if adaptive_clipping is not None:
             adaptive_clipping.attach(self)
-        self._hooks = [p.register_hook(functools.partial(self._part_to_sum, owner[id(p)]))
-                       for p in self._params]
+        self._owned = list(parts)
+        for part in self._owned:  # their backwards leave the clipped sum, for "mean" too
+            part._add_owner(1)
 
     # --- delegate the optimizer state so schedulers and user code see the inner optimizer ---
     param_groups = _delegated("param_groups")
@@ -259,13 +259,6 @@ class DPOptimizer(torch.optim.Optimizer):
     def _pending(self, field: str) -> int:
         # privatized blocks of one model all see the same samples: count them once
         return int(max(part.read_state()[field] for part in self._parts))
-
-    def _part_to_sum(self, part, grad: torch.Tensor) -> torch.Tensor:
-        if part.loss_reduction == "mean":
-            # the module divided by this backward's own B (padding rows included): undo it, on
-            # the device (an empty batch's gradient is zero already)
-            return grad * part.batch_size_tensor().to(grad.dtype)
-        return grad
 
     # --- the DP step ---
     def _noise(self, p: torch.Tensor, std: float) -> torch.Tensor:
@@ -432,10 +425,11 @@ class DPOptimizer(torch.optim.Optimizer):
             part.max_grad_norm = c
 
     def remove_hooks(self) -> None:
-        """Detach from the parameters (after which their grads are the module's plain output)."""
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
+        """Detach from the module: its backward leaves its plain output again (the mean of the
+        clipped gradients for loss_reduction="mean")."""
+        for part in self._owned:
+            part._add_owner(-1)
+        self._owned = []
 
     def __repr__(self) -> str:
         return (f"DPOptimizer({type(self.original_optimizer).__name__}, noise_multiplier="

@@ -47,6 +47,7 @@ class PrivatizedModule(nn.Module):
         self._scaled = grad_scaler is not None and grad_scaler.is_enabled()
         self._group_of = _clipping_groups(model, clipping)
         self._labels = list(dict.fromkeys(self._group_of.values()))
+        self._table = _ParamTable([n for n, _ in model.named_parameters()], self._group_of, self._labels)
         device = _device_of(model)
         # Runtime values the graph reads and writes on the device (non-persistent: not in
         # state_dict). Tensors, not Python numbers, so that changing them never recompiles.
@@ -110,6 +111,12 @@ class PrivatizedModule(nn.Module):
             for name in ops.CUMULATIVE:
                 self._fxclip_state[ops.STATE[name]] = 0.0
 
+    def _add_owner(self, count: int) -> None:
+        """A DPOptimizer takes (+1) or gives up (-1) this module: while one owns it, the backward
+        leaves the clipped sum for loss_reduction="mean" (a device write: no recompile)."""
+        with torch.no_grad():
+            self._fxclip_state[ops.STATE["owners"]] += count
+
     def set_valid_rows(self, rows: float) -> None:
         """Only the first `rows` rows of the coming batches are real samples; the others are
         padding and get weight exactly 0 (float("inf"): every row is real)."""
@@ -161,7 +168,7 @@ class PrivatizedModule(nn.Module):
         return _compile.compiled_reports.get(names)
 
     def forward(self, *args, **kwargs):
-        if not self._needs_clipping():
+        if not (torch.is_grad_enabled() and any(_trainable(self._current_params()))):
             if self.loss_fn is not None and "target" in kwargs:
                 target = kwargs.pop("target")
                 return self.loss_fn(self.module(*args, **kwargs), target)
@@ -174,8 +181,8 @@ class PrivatizedModule(nn.Module):
         if self._eager is None:
             self._eager = _compile.compile_eager(self, "_marked_forward")
         out = self._eager(*args, **kwargs)
-        return tree_map(lambda y: _NoDoubleBackward.apply(y) if _is_float(y) and y.requires_grad else y,
-                        out)
+        return _map_tensors(lambda y: _NoDoubleBackward.apply(y) if y.is_floating_point() and y.requires_grad
+                            else y, out)
 
     # state_dict keys are the plain model's (no "module." prefix): pm.state_dict() loads into the
     # model and model.state_dict() into pm; "module."-prefixed keys are accepted too.
@@ -187,23 +194,26 @@ class PrivatizedModule(nn.Module):
             state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
         return self.module.load_state_dict(state_dict, strict=strict, assign=assign)
 
-    def _needs_clipping(self) -> bool:
-        return torch.is_grad_enabled() and any(p.requires_grad for p in self.module.parameters())
+    def _current_params(self) -> list:
+        """The model's parameters, looked up by path: under Dynamo this adds few guards beyond the
+        ones the model's own forward needs (a named_parameters() walk adds hundreds)."""
+        return [_parameter(self.module, path) for path in _param_paths(self._table)]
 
     def _marked_forward(self, *args, **kwargs):
         checked = self.loss_fn is not None and "target" in kwargs
         target = kwargs.pop("target") if checked else None
-        named = list(self.module.named_parameters())
-        names = [n for n, p in named if p.requires_grad]
-        params = [p for n, p in named if p.requires_grad]
-        frozen = [n for n, p in named if not p.requires_grad]
-        spec = (self._fxclip_state, self._fxclip_thresholds, self._loss_scale(), "\n".join(names),
-                "\n".join(frozen), self._group_spec(names), self.loss_reduction == "mean", checked)
-        args, kwargs, target = tree_map(_mark_input, (args, kwargs, target))
+        everything = self._current_params()
+        trainable = _trainable(everything)  # guarded by each parameter's tensor guard
+        params = [p for p, t in zip(everything, trainable) if t]
+        names, frozen, groups = _spec_strings(self._table, trainable)
+        spec = (self._fxclip_state, self._fxclip_thresholds, self._loss_scale(), names, frozen, groups,
+                self.loss_reduction == "mean", checked)
+        args, kwargs, target = (_map_tensors(ops.BATCH_INPUT, t) for t in (args, kwargs, target))
         out = self.module(*args, **kwargs)
         if checked:  # the pass checks that these are per-sample losses (B,)
             out = self.loss_fn(out, target)
-        return tree_map(lambda y: ops.batch_output(y, params, *spec) if _is_float(y) else y, out)
+        return _map_tensors(lambda y: ops.BATCH_OUTPUT(y, params, *spec) if y.is_floating_point() else y,
+                            out)
 
     def _loss_scale(self) -> torch.Tensor:
         """S of the connected GradScaler, read on the device each step; else 1."""
@@ -211,10 +221,55 @@ class PrivatizedModule(nn.Module):
             return _torch.grad_scaler_scale(self.grad_scaler)
         return self._fxclip_state.new_ones(())
 
-    def _group_spec(self, names) -> str:
-        """Each trainable parameter's clipping group (an index into the thresholds)."""
-        index = {g: i for i, g in enumerate(self._labels)}
-        return ",".join(str(index[self._group_of[n]]) for n in names)
+
+class _ParamTable:
+    """The model's parameter names and each one's clipping group index (an index into the
+    thresholds), fixed at privatize() like the groups. Traced code reads it only through the
+    constant-result functions below: Dynamo guards its identity, not every name in it."""
+
+    def __init__(self, names: list, group_of: dict, labels: list):
+        index = {g: i for i, g in enumerate(labels)}
+        self.names = tuple(names)
+        self.groups = tuple(index[group_of[n]] for n in self.names)
+        self.paths = tuple(tuple(n.split(".")) for n in self.names)
+
+
+@torch.compiler.assume_constant_result
+def _param_paths(table: _ParamTable) -> tuple:
+    return table.paths
+
+
+def _parameter(module: nn.Module, path: tuple):
+    """The parameter at path (submodule names..., parameter name), read through _modules and
+    _parameters as the model's forward reads them (the same guards and module names)."""
+    for name in path[:-1]:
+        module = module._modules[name]
+    return module._parameters[path[-1]]
+
+
+@torch.compiler.assume_constant_result
+def _spec_strings(table: _ParamTable, trainable: tuple) -> tuple:
+    """(trainable names, frozen names, trainable parameters' group indices) as batch_output
+    carries them. Computed once per compile: `trainable` is a constant of the traced graph."""
+    picked = [(n, g) for n, g, t in zip(table.names, table.groups, trainable) if t]
+    frozen = [n for n, t in zip(table.names, trainable) if not t]
+    return ("\n".join(n for n, _ in picked), "\n".join(frozen), ",".join(str(g) for _, g in picked))
+
+
+def _trainable(params) -> tuple:
+    return tuple(p.requires_grad for p in params)
+
+
+def _map_tensors(fn, tree):
+    """tree_map of fn over the tensor leaves, with a direct path for the usual single tensor or
+    flat tuple/list of tensors (fewer Dynamo guards than the general pytree walk)."""
+    if isinstance(tree, torch.Tensor):
+        return fn(tree)
+    if type(tree) in (tuple, list) and all(isinstance(x, torch.Tensor) for x in tree):
+        return type(tree)(fn(x) for x in tree)
+    if type(tree) is dict and all(isinstance(x, torch.Tensor) for x in tree.values()):
+        return {k: fn(x) for k, x in tree.items()}
+    return tree_map(lambda x: fn(x) if isinstance(x, torch.Tensor) else x, tree)
 
 
 def _device_of(model: nn.Module):
@@ -249,14 +304,6 @@ def _clipping_groups(model: nn.Module, clipping) -> dict:
                      f"got {clipping!r}")
 
 
-def _is_float(x) -> bool:
-    return isinstance(x, torch.Tensor) and x.is_floating_point()
-
-
-def _mark_input(x):
-    return ops.batch_input(x) if isinstance(x, torch.Tensor) else x
-
-
 def _is_packed(x) -> bool:
     return isinstance(x, nn.utils.rnn.PackedSequence)
 
@@ -264,15 +311,12 @@ def _is_packed(x) -> bool:
 def _check_inputs(args, kwargs, check_sizes: bool) -> None:
     """Tensor leaves (of any pytree: tuples, lists, dicts) are per-sample data with the batch in
     dim 0; other leaves must be plain constants shared by every sample."""
-    leaves, _ = tree_flatten((args, kwargs), is_leaf=_is_packed)
+    if not kwargs and all(isinstance(a, torch.Tensor) for a in args):
+        leaves = args  # the usual call: no pytree walk (fewer Dynamo guards)
+    else:
+        leaves, _ = tree_flatten((args, kwargs), is_leaf=_is_packed)
     sizes = []
     for i, leaf in enumerate(leaves):
-        if _is_packed(leaf):
-            raise PrivacyError(
-                f"input {i} (in flattened order) is a PackedSequence: it packs every sample's steps "
-                "into one tensor ordered by time, so it has no batch dim to clip per sample. Pass "
-                "the padded batch (B, T, ...) instead (with batch_first=True for nn.LSTM/GRU/RNN) "
-                "and mask or gather the padded steps, e.g. h[arange(B), lengths - 1].")
         if isinstance(leaf, torch.Tensor):
             if leaf.dim() == 0:
                 raise PrivacyError(
@@ -281,6 +325,12 @@ def _check_inputs(args, kwargs, check_sizes: bool) -> None:
                     "tensor of shape (B, ...), or keep shared values in the module (a buffer or "
                     "attribute) or as a Python number.")
             sizes.append((i, leaf.shape[0]))
+        elif _is_packed(leaf):
+            raise PrivacyError(
+                f"input {i} (in flattened order) is a PackedSequence: it packs every sample's steps "
+                "into one tensor ordered by time, so it has no batch dim to clip per sample. Pass "
+                "the padded batch (B, T, ...) instead (with batch_first=True for nn.LSTM/GRU/RNN) "
+                "and mask or gather the padded steps, e.g. h[arange(B), lengths - 1].")
         elif not isinstance(leaf, _CONSTANTS):
             raise PrivacyError(
                 f"input {i} (in flattened order) is a {type(leaf).__name__}, which fxclip cannot "

@@ -92,6 +92,8 @@ STATE_FIELDS = (
     "backwards",    # backward passes seen
     "valid_rows",   # how many leading rows of the coming batches are real (inf: all)
     "unclipped",    # real samples whose norm was <= C (adaptive clipping's count)
+    "owners",       # DPOptimizers that own the module: while > 0, loss_reduction="mean" leaves the
+                    # clipped SUM (R_i scaled by this backward's rows), which they noise and divide
 )
 STATE = {name: i for i, name in enumerate(STATE_FIELDS)}
 CUMULATIVE = ("nonfinite", "bad_seed", "samples", "backwards", "unclipped")
@@ -111,9 +113,8 @@ def norm_store(state: torch.Tensor, batch_size: int) -> torch.Tensor | None:
     return _norm_stores.get((state.data_ptr(), batch_size))
 
 
-@torch.library.custom_op("fxclip::record_step", mutates_args=())
-def record_step(norms: torch.Tensor, updated: torch.Tensor, state: torch.Tensor,
-                clip_factor: torch.Tensor) -> torch.Tensor:
+def _record_step(norms: torch.Tensor, updated: torch.Tensor, state: torch.Tensor,
+                 clip_factor: torch.Tensor) -> torch.Tensor:
     """Writes the backward's results into the module's device state: `updated` (computed in the
     graph) into `state`, the per-sample norms into their store. Returns the clip factor, which
     keeps this op on the data path (no pass may drop it as dead code)."""
@@ -123,12 +124,22 @@ def record_step(norms: torch.Tensor, updated: torch.Tensor, state: torch.Tensor,
         store = _norm_stores[key] = torch.empty_like(norms)
     store.copy_(norms)
     state.copy_(updated)
-    return clip_factor.clone()
+    return clip_factor.clone()  # an op's output may not alias its input
 
 
-@record_step.register_fake
+# Defined with torch.library.Library rather than custom_op: it runs once per backward as
+# Inductor's only fallback kernel, and a call costs half of what it does through custom_op's
+# Python wrappers. The schema declares no mutation: the graph reads the state only to compute
+# `updated`, before this op runs, and never reads the norms' store.
+_LIB = torch.library.Library("fxclip", "FRAGMENT")
+_LIB.define("record_step(Tensor norms, Tensor updated, Tensor state, Tensor clip_factor) -> Tensor")
+_LIB.impl("record_step", _record_step, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("fxclip::record_step", lib=_LIB)
 def _(norms, updated, state, clip_factor):
     return torch.empty_like(clip_factor)
 
 
 RECORD_STEP = torch.ops.fxclip.record_step.default
+record_step = RECORD_STEP

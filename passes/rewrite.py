@@ -235,6 +235,8 @@ def _clip_fn(groups: list, mean: bool, checked_loss: bool):
         finite = torch.isfinite(total)
         factor = (limit[:, None] / (norms + 1e-6)).clamp(max=1.0)
         factor = torch.where(real & finite, factor, torch.zeros_like(factor))
+        if mean:  # a DPOptimizer wants the sum: scale R by this backward's B, not the gradient
+            factor = factor * (1 + (batch - 1) * (state[field["owners"]] > 0).to(factor.dtype))
         counts = {
             "nonfinite": (real & ~finite).sum(),
             "bad_seed": _bad_seed(seed, batch, mean, scale) if checked_loss else real.new_zeros(()),
