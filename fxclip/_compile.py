@@ -58,10 +58,6 @@ def trace_recurrent_modules(model) -> None:
         _torch.allow_rnn_tracing()
 
 
-def is_compiling() -> bool:
-    return _torch.is_compiling()
-
-
 def compile_eager(owner, method: str):
     """Compile owner.<method> for the eager path, reporting the rewrite to the owner."""
 

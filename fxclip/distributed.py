@@ -288,13 +288,13 @@ class DistributedDPOptimizer(DPOptimizer):
         if self.mode == "fsdp":
             for g in grads:  # each rank owns and noises its shard
                 local = g.to_local()
-                local.add_(self._noise(local, std).to(local.dtype))
+                self._add_noise_(local, std)
         else:
             is_root = self.rank == 0
             if self.mode == "allreduce":
                 if is_root:
                     for g in grads:
-                        g.add_(self._noise(g, std))
+                        self._add_noise_(g, std)
                 _flat_collective(grads, lambda flat: dist.all_reduce(flat, group=self.process_group))
             else:  # ddp: every rank holds the global clipped sum already
                 noise = [self._noise(g, std) if is_root else torch.zeros_like(g) for g in grads]

@@ -28,6 +28,7 @@ from .passes.ops import STATE_FIELDS
 from .privatize import BAD_REDUCTION
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+NOISE_CHUNK = 1 << 20  # noise values drawn at a time (4 MB in float32)
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
@@ -271,6 +272,13 @@ class DPOptimizer(torch.optim.Optimizer):
             z = torch.randn(p.shape, device=p.device, dtype=dtype)
         return z.to(device=p.device, dtype=dtype).mul_(std)  # in place: no second gradient-sized buffer
 
+    def _add_noise_(self, acc: torch.Tensor, std: float) -> None:
+        """acc += N(0, std^2), drawn in chunks so that at most NOISE_CHUNK noise values exist
+        beside the gradient at a time (no second gradient-sized buffer)."""
+        flat = acc.view(-1) if acc.is_contiguous() else acc
+        for chunk in (flat.split(NOISE_CHUNK) if flat.dim() == 1 else (flat,)):
+            chunk.add_(self._noise(chunk, std))
+
     @torch.no_grad()
     def add_noise(self) -> None:
         """Turns each .grad from the clipped sum into the noised update gradient (in place)."""
@@ -281,10 +289,10 @@ class DPOptimizer(torch.optim.Optimizer):
             if g is not None and g.is_sparse:
                 raise RuntimeError("sparse gradients are not supported by DPOptimizer")
             wide = torch.float32 if p.dtype in _LOW_PRECISION else p.dtype  # noise never in 16 bits
-            # the clipped sum is ours to overwrite: noise and scale it in place, holding at most
-            # the noise draw beside it
+            # the clipped sum is ours to overwrite: noise and scale it in place
             acc = torch.zeros_like(p, dtype=wide) if g is None else g if g.dtype == wide else g.to(wide)
-            acc.add_(self._noise(p, std)).mul_(scale)
+            self._add_noise_(acc, std)
+            acc.mul_(scale)
             p.grad = acc.to(p.dtype)
 
     def step(self, closure=None):

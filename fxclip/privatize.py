@@ -173,7 +173,7 @@ class PrivatizedModule(nn.Module):
                 target = kwargs.pop("target")
                 return self.loss_fn(self.module(*args, **kwargs), target)
             return self.module(*args, **kwargs)
-        compiling = _compile.is_compiling()
+        compiling = torch.compiler.is_compiling()  # public API: few guards
         # under torch.compile, batch sizes are compared in the graph pass (no shape guards here)
         _check_inputs(args, kwargs, check_sizes=not compiling)
         if compiling:

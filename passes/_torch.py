@@ -27,10 +27,6 @@ def fake_mode_of(values):
     return _detect_fake_mode(values)
 
 
-def is_compiling() -> bool:
-    return torch.compiler.is_compiling()
-
-
 def inductor_decompositions():
     from torch._inductor.decomposition import select_decomp_table
 

@@ -9,35 +9,15 @@ import copy
 import pytest
 import torch
 from torch import nn
-from torch._C._profiler import _EventType
 
 import fxclip
+from bench.step_memory import peak_allocations
 
 
 def _backward_allocations(model, x):
     """(peak bytes live during loss.backward(), sizes of all allocations in it), by the profiler."""
     loss = model(x).square().sum()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        loss.backward()
-    events = []
-
-    def walk(node):
-        if node.tag == _EventType.Allocation:
-            events.append((node.start_time_ns, node.extra_fields.ptr, node.extra_fields.alloc_size))
-        for child in node.children:
-            walk(child)
-
-    for root in prof.profiler.kineto_results.experimental_event_tree():
-        walk(root)
-    live, current, peak = {}, 0, 0
-    for _, ptr, size in sorted(events):
-        if size > 0:
-            live[ptr] = size
-            current += size
-        elif ptr in live:
-            current -= live.pop(ptr)
-        peak = max(peak, current)
-    return peak, sorted((s for _, _, s in events if s > 0), reverse=True)
+    return peak_allocations(loss.backward)
 
 
 @pytest.mark.slow
@@ -65,3 +45,24 @@ def test_compiled_backward_holds_no_extra_gradient_sized_buffer(shape):
     # R-scaled rows of one operand per layer (at most B*T x 512 and B*T x 128 floats): the only other extra
     scaled_rows = 4 * x[..., 0].numel() * (512 + 128)
     assert private_peak <= plain_peak + per_sample + scaled_rows, (private_peak, plain_peak, per_sample)
+
+
+def test_dp_optimizer_step_draws_noise_in_chunks_beside_the_gradient(monkeypatch):
+    """The noise is added to .grad in place, NOISE_CHUNK values at a time: the optimizer step
+    allocates nothing of a weight gradient's size (the seed MLP held one per parameter before)."""
+    monkeypatch.setattr(fxclip.optim, "NOISE_CHUNK", 4096)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 128))
+    pm = fxclip.privatize(model, max_grad_norm=1.0, loss_reduction="mean")
+    opt = fxclip.DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), pm, noise_multiplier=1.0,
+                             expected_batch_size=8, loss_reduction="mean")
+    pm(torch.randn(8, 256)).square().sum(1).mean().backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    clipped = [p.grad.clone() for p in model.parameters()]
+    _, sizes = peak_allocations(opt.step)
+    assert max(sizes) <= 4 * 4096, sizes[:4]
+    for p, w, g in zip(model.parameters(), before, clipped):
+        # .grad held the clipped sum (a DPOptimizer owns the module); the update is
+        # lr * (sum + noise) / B with noise of std sigma * C = 1
+        noise = (w - p.detach()) / 0.1 * 8 - g
+        assert 0.8 < noise.std() < 1.2 and abs(noise.mean()) < 0.1
