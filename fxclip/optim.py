@@ -28,7 +28,7 @@ from .passes.ops import STATE_FIELDS
 from .privatize import BAD_REDUCTION
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-NOISE_CHUNK = 1 << 20  # noise values drawn at a time (4 MB in float32)
+NOISE_CHUNK = 1 << 18  # noise values drawn at a time (1 MB in float32)
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
