@@ -217,20 +217,22 @@ def goals(res) -> list[str]:
                 ratio = fxm / plm
                 lines.append(f"| {m} | {bs} | steady peak RSS growth <= {MEMORY_GOALS[m]:.2f}x | {ratio:.2f}x "
                              f"({fxm:.1f} vs {plm:.1f} MB) | {'met' if ratio <= MEMORY_GOALS[m] else 'missed'} |")
-                fxw, plw = _working_set(mm, "fxclip_compiled"), _working_set(mm, "plain_compiled")
-                if fxw and plw:
-                    lines.append(f"| {m} | {bs} | (not a goal) a step's working set: steady peak over RSS after "
-                                 f"warm-up | {fxw / plw:.2f}x ({fxw:.1f} vs {plw:.1f} MB) | |")
     return lines
 
 
-def _working_set(mem, config):
-    """Steady peak RSS minus the RSS after the warm-up steps (compiled code and everything a step
-    leaves resident excluded): what one step allocates and frees."""
-    m = mem.get(config, {})
-    if m.get("steady_peak_rss_mb") is None or m.get("rss_after_warmup_mb") is None:
-        return None
-    return m["steady_peak_rss_mb"] - m["rss_after_warmup_mb"]
+def step_memory(path: Path) -> list[str]:
+    """The table of `python -m bench.step_memory` (a whole step, optimizer included), if run."""
+    if not path.exists():
+        return []
+    r = json.loads(path.read_text())
+    lines = [f"Peak live bytes of a whole training step (forward, loss, backward, optimizer step, "
+             f"zero_grad; torch.profiler allocation events; `python -m bench.step_memory`): "
+             f"{r['model']}, B={r['batch_size']}, compiled, gradient {r['gradient_mb']:.1f} MiB.", "",
+             "| configuration | peak live MiB | largest allocations (MiB) |", "|---|---:|---|"]
+    for name, c in r["configs"].items():
+        lines.append(f"| {name} | {c['peak_live_mb']:.1f} | "
+                     f"{', '.join(f'{v:.1f}' for v in c['largest_allocations_mb'])} |")
+    return lines + [""]
 
 
 def plot(r, path: Path):
@@ -320,10 +322,10 @@ parameters, C = 1.0, no noise, no optimizer step); the plain ones leave the uncl
   trivial compile, so it is charged to no configuration). For the eager configurations it is the
   first eager step (fxclip eager traces and rewrites the graph there). The memory processes run
   after it with a warm cache (their first-step time is in the JSON as `first_step_s`).
-- The machine is a SHARED 2-core machine: the 2 cores were shared with about 5 other processes
-  (test runs, compilations) during the sweep:
-  interleaving spreads the disturbance over all configurations, but some medians are far above
-  their minimum (marked † in the summary); the min column is the contention-free estimate.
+- Interleaving spreads any disturbance by other processes over all configurations; a median far
+  above its minimum is marked † in the summary, and the min column is then the contention-free
+  estimate. Where the notes below say the sweep ran alone on the machine, no other benchmark,
+  test or compilation ran during it.
 - Per-sample-instantiating configurations (Opacus hooks, torch.func) are skipped when B x |params|
   x 4 bytes exceeds {max_inst_gb} GB (`--max-inst-gb`). Opake instantiates them one microbatch at a
   time: the largest microbatch whose per-sample gradients fit in {opake_gb:g} GB.
@@ -345,7 +347,7 @@ def write_all(out_dir: Path, md_path: Path, tag: str = ""):
     mach = any_r.get("machine", {})
     config_rows = "\n".join(f"| {c.label} | {c.doc} |" for c in CONFIGS.values())
     parts = [HEADER.format(
-        minutes=35, config_rows=config_rows,
+        minutes=25, config_rows=config_rows,
         machine=f"{mach.get('cpu_count', '?')} CPU cores, {mach.get('platform', '?')}",
         torch=ver.get("torch", "?"), opacus=ver.get("opacus", "?"), opake=ver.get("opake", "?"),
         opake_gb=OPAKE_MICROBATCH_GB, threads=mach.get("threads", 2),
@@ -361,6 +363,7 @@ def write_all(out_dir: Path, md_path: Path, tag: str = ""):
     parts += ["## Goals", "", "fxclip compiled / plain compiled, step time and steady peak RSS growth "
               "(a missed goal's reason is in the notes below the table, where known).", ""]
     parts += goals(res) + [""]
+    parts += step_memory(out_dir / "step_memory.json")
     notes = HERE / "GOALS_NOTES.md"
     if notes.exists():
         parts += [notes.read_text().strip(), ""]
