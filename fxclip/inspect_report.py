@@ -505,6 +505,11 @@ class Explanation:
             + (f", {len(sv['only_for_norms'])} of them only for the norms" if sv["only_for_norms"] else "")
             + f"; {h['count']} backward tensors ({fmt_bytes(h['bytes'])}) are held until R exists")
         lines.append(f"rewritten joint graph: {s['graph_nodes']} nodes, {s['added_nodes']} added by fxclip")
+        timed = [r for r in self.report.params if r.shapes.get("chosen by") == "measured"]
+        if timed:
+            lines.append("ghost or instantiate, timed at compile time on the real shapes: " + "; ".join(
+                f"{r.name} {r.strategy} (ghost {r.shapes.get('ghost time')}, instantiate "
+                f"{r.shapes.get('instantiate time')})" for r in timed))
         return lines
 
     # ---------------------------------------------------------------- text

@@ -80,6 +80,9 @@ def test_measured_choice_overrides_the_model_and_stays_exact(faster, monkeypatch
         assert route.shapes["chosen by"] == "measured"
         assert {"ghost time", "instantiate time"} <= set(route.shapes)
     assert len(calls) == 1  # both layers have the same shapes: timed once, then cached
+    text = str(fxclip.explain(model, x, max_grad_norm=0.05))
+    times = "ghost 1000us, instantiate 2000us" if faster == "ghost" else "ghost 2000us, instantiate 1000us"
+    assert f"0.weight {faster} ({times})" in text  # explain's text says what was timed and chosen
 
 
 def test_timing_off_lopsided_or_failing_falls_back_to_the_model(monkeypatch):
