@@ -90,6 +90,8 @@ def test_timing_off_lopsided_or_failing_falls_back_to_the_model(monkeypatch):
     candidates = cost.Candidates(("k",), lambda: (torch.zeros(2),), lambda t: t, lambda t: t, 1 << 30)
     # one row per sample, wide layer: ghost is far cheaper by the model, never timed
     assert cost.choose(64, 1, 512, 512, candidates=candidates).strategy == "ghost" and calls == []
+    # per-sample gradients of 64 x 2048 x 2048 floats (1 GiB): never built just to be timed
+    assert cost.choose(64, 512, 2048, 2048, candidates=candidates).measured == {} and calls == []
     monkeypatch.setenv("FXCLIP_STRATEGY", "model")
     choice = cost.choose(16, 64, 128, 128, candidates=candidates)
     assert choice.strategy == "ghost" and choice.describe()["chosen by"] == "model" and calls == []

@@ -113,7 +113,7 @@ def choose(batch: int, T: int, m: int, k: int, groups: int = 1, candidates: Cand
     # every instantiated layer's per-sample gradients live until the clip factors exist: time
     # instantiation only where they stay within twice what the layer holds anyway
     if (candidates is not None and i_held <= HELD_PER_OPERAND_BYTE * candidates.operand_bytes
-            and _worth_measuring(g_cost, i_cost, g_held)):
+            and _worth_measuring(g_cost, i_cost, max(g_held, i_held))):
         measured = measure(candidates)
     if measured:
         ghost = measured["ghost"] <= measured["instantiate"]
