@@ -118,9 +118,8 @@ def _candidates(grad_out, x, weight, conv, lay, batch: int) -> cost.Candidates:
         per = _per_sample_weight_grad(go, x, w, conv, batch)
         return norm_sq_of(per), weighted_sum(per, r)
 
-    key = ("conv", batch, str(lay), repr(sorted(conv.items())), values[0].dtype, str(values[0].device),
-           *(tuple(map(str, v.shape)) + tuple(map(str, v.stride())) for v in values))
-    held = sum(size_hint(v.numel()) * v.element_size() for v in values[:2])
+    key = ("conv", batch, str(lay), repr(sorted(conv.items())), *cost.values_key(*values))
+    held = sum(cost.nbytes(v) for v in values[:2])
     return cost.Candidates(key, make_inputs, ghost, instantiate, held)
 
 

@@ -190,5 +190,18 @@ def random_like(value, generator: torch.Generator) -> torch.Tensor:
     return out.random_(0, 2, generator=generator)
 
 
+def nbytes(value) -> int:
+    """Bytes of a (fake) tensor, symbolic sizes at their hints."""
+    from ..layout import size_hint
+
+    return size_hint(value.numel()) * value.element_size()
+
+
+def values_key(*values) -> tuple:
+    """What a timing depends on in these values: dtype, device, shapes and strides (symbolic
+    sizes as text: they do not hash)."""
+    return tuple((v.dtype, str(v.device), tuple(map(str, v.shape)), tuple(map(str, v.stride()))) for v in values)
+
+
 def generator_for(device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(0)

@@ -88,14 +88,8 @@ def _candidates(x, y, lx: Layout, ly: Layout, batch: int, one_row: bool) -> cost
         per = _per_sample_products(x, y, lx, ly, batch)
         return norm_sq_of(per), weighted_sum(per, r)
 
-    key = ("linear", batch, str(lx), str(ly), one_row, vx.dtype, str(vx.device),
-           tuple(map(str, vx.shape)), tuple(map(str, vx.stride())), tuple(map(str, vy.shape)),
-           tuple(map(str, vy.stride())))
-    return cost.Candidates(key, make_inputs, ghost, instantiate, _bytes(vx) + _bytes(vy))
-
-
-def _bytes(value) -> int:
-    return size_hint(value.numel()) * value.element_size()
+    key = ("linear", batch, str(lx), str(ly), one_row, *cost.values_key(vx, vy))
+    return cost.Candidates(key, make_inputs, ghost, instantiate, cost.nbytes(vx) + cost.nbytes(vy))
 
 
 class LinearRoute(InstantiatedRoute):
