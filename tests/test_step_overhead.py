@@ -3,23 +3,13 @@ sum a DPOptimizer gets straight from the graph (no gradient hook, no extra gradi
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import fxclip
 from fxclip.passes.report import rule_counters
 from reference import per_sample_reference
+from test_real_training import _data, _mlp
 
 C = 0.3
-
-
-def _mlp():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
-
-
-def _data(b=5, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(b, 6, dtype=torch.float64, generator=g), torch.randint(0, 3, (b,), generator=g)
 
 
 def _assert_grads(model, ref):
