@@ -152,10 +152,6 @@ class PrivatizedModule(nn.Module):
         store = ops.norm_store(self._fxclip_state, rows)
         return None if store is None else store[:int(min(rows, state["valid_rows"]))].clone()
 
-    def batch_size_tensor(self) -> torch.Tensor:
-        """Rows of the latest backward (padding included), on the device: no sync."""
-        return self._fxclip_state[ops.STATE["batch_size"]]
-
     @property
     def last_report(self):
         """RewriteReport of this module's latest eager rewrite; under torch.compile, of the
