@@ -169,10 +169,8 @@ class PrivatizedModule(nn.Module):
                 target = kwargs.pop("target")
                 return self.loss_fn(self.module(*args, **kwargs), target)
             return self.module(*args, **kwargs)
-        compiling = torch.compiler.is_compiling()  # public API: few guards
-        # under torch.compile, batch sizes are compared in the graph pass (no shape guards here)
-        _check_inputs(args, kwargs, check_sizes=not compiling)
-        if compiling:
+        _check_inputs(args, kwargs)  # eager: before any tracing, so its errors are plain
+        if torch.compiler.is_compiling():  # public API: few guards
             return self._marked_forward(*args, **kwargs)
         if self._eager is None:
             self._eager = _compile.compile_eager(self, "_marked_forward")
@@ -198,6 +196,7 @@ class PrivatizedModule(nn.Module):
     def _marked_forward(self, *args, **kwargs):
         checked = self.loss_fn is not None and "target" in kwargs
         target = kwargs.pop("target") if checked else None
+        _check_batch_sizes(_tensor_leaves(args, kwargs))
         everything = self._current_params()
         trainable = _trainable(everything)  # guarded by each parameter's tensor guard
         params = [p for p, t in zip(everything, trainable) if t]
@@ -304,14 +303,35 @@ def _is_packed(x) -> bool:
     return isinstance(x, nn.utils.rnn.PackedSequence)
 
 
-def _check_inputs(args, kwargs, check_sizes: bool) -> None:
-    """Tensor leaves (of any pytree: tuples, lists, dicts) are per-sample data with the batch in
-    dim 0; other leaves must be plain constants shared by every sample."""
+def _leaves(args, kwargs):
     if not kwargs and all(isinstance(a, torch.Tensor) for a in args):
-        leaves = args  # the usual call: no pytree walk (fewer Dynamo guards)
-    else:
-        leaves, _ = tree_flatten((args, kwargs), is_leaf=_is_packed)
-    sizes = []
+        return args  # the usual call: no pytree walk (fewer Dynamo guards)
+    return tree_flatten((args, kwargs), is_leaf=_is_packed)[0]
+
+
+def _tensor_leaves(args, kwargs) -> list:
+    return [x for x in _leaves(args, kwargs) if isinstance(x, torch.Tensor)]
+
+
+def _check_batch_sizes(tensors) -> None:
+    """Every tensor input has the first one's batch size. Traced, the comparison is a shape
+    guard that makes the inputs' batch sizes ONE symbol: once Dynamo makes the batch dim
+    symbolic, each input gets its own size symbol, which a model need never relate (Hugging Face
+    reads a padding mask as mask[arange(B), ...] with B from the ids), and the graph pass could
+    not tell that the mask's rows are the samples'."""
+    if any(t.shape[0] != tensors[0].shape[0] for t in tensors[1:]):
+        raise PrivacyError(
+            "the inputs' batch sizes disagree: " + ", ".join(f"input {i}: {t.shape[0]}" for i, t in enumerate(tensors))
+            + " (tensor inputs in flattened order). Every tensor input must hold one row per sample "
+            "in dim 0, all with the same number of samples; pass shared tensors (masks, tables) as "
+            "module buffers instead.")
+
+
+def _check_inputs(args, kwargs) -> None:
+    """Tensor leaves (of any pytree: tuples, lists, dicts) are per-sample data with the batch in
+    dim 0, all of one batch size; other leaves must be plain constants shared by every sample."""
+    leaves = _leaves(args, kwargs)
+    tensors = []
     for i, leaf in enumerate(leaves):
         if isinstance(leaf, torch.Tensor):
             if leaf.dim() == 0:
@@ -320,7 +340,7 @@ def _check_inputs(args, kwargs, check_sizes: bool) -> None:
                     "privatized model must hold one row per sample in dim 0. Pass a per-sample "
                     "tensor of shape (B, ...), or keep shared values in the module (a buffer or "
                     "attribute) or as a Python number.")
-            sizes.append((i, leaf.shape[0]))
+            tensors.append(leaf)
         elif _is_packed(leaf):
             raise PrivacyError(
                 f"input {i} (in flattened order) is a PackedSequence: it packs every sample's steps "
@@ -333,15 +353,11 @@ def _check_inputs(args, kwargs, check_sizes: bool) -> None:
                 "split into samples. Pass torch.Tensors with the batch in dim 0, possibly nested in "
                 "tuples, lists and dicts (register other containers with "
                 "torch.utils._pytree.register_pytree_node); numpy arrays: torch.from_numpy(a).")
-    if not sizes:
+    if not tensors:
         raise PrivacyError(
             "the privatized model got no tensor input, so there is no batch to clip per sample. "
             "Pass the batch as torch.Tensors with the samples in dim 0.")
-    if check_sizes and len({s for _, s in sizes}) > 1:
-        raise PrivacyError(
-            "the inputs' batch sizes disagree: " + ", ".join(f"input {i}: {s}" for i, s in sizes)
-            + ". Every tensor input must hold one row per sample in dim 0, all with the same number "
-            "of samples; pass shared tensors (masks, tables) as module buffers instead.")
+    _check_batch_sizes(tensors)
 
 
 NONFINITE = (

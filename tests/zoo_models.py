@@ -1,57 +1,31 @@
 """Tiny third-party architectures built from configs (no downloads), for the zoo tests.
 
-Each builder takes the attention implementation ("eager" or "sdpa") and returns a module whose
-forward takes batched tensors and returns ONE per-sample tensor (logits or last_hidden_state),
-plus a function making its float64 inputs for a batch of B samples."""
+Each builder takes the attention implementation ("eager" or "sdpa") and returns a Case: the
+float64 model as Hugging Face builds it, the output attribute the tests' loss reads (logits or
+last_hidden_state), and a function making the keyword tensors of a batch of b samples."""
 from __future__ import annotations
+
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn as nn
 
 D = torch.float64
-B, T, V = 3, 8, 64
+T, V = 8, 64
+SIZES = (4, 3, 5)  # batch sizes of a run: a static graph, then one dynamic graph for the others
 
 
-class Out(nn.Module):
-    """HF model -> one tensor: `key` of its output (logits or last_hidden_state)."""
-
-    def __init__(self, m, key="last_hidden_state"):
-        super().__init__()
-        self.m = m
-        self.key = key
-
-    def forward(self, *args, **kwargs):
-        return getattr(self.m(*args, **kwargs), self.key)
+class Case(NamedTuple):
+    """A model, the attribute of its output that the test's loss reads, and `inputs(b)`: the
+    keyword tensors of a batch of b >= 3 samples, as a caller passes them."""
+    model: nn.Module
+    key: str
+    inputs: Callable[[int], dict]
 
 
-class Ids(Out):
-    def forward(self, ids, mask):
-        return getattr(self.m(input_ids=ids, attention_mask=mask), self.key)
-
-
-class Seq2Seq(Out):
-    def forward(self, ids, mask, dec):
-        return getattr(self.m(input_ids=ids, attention_mask=mask, decoder_input_ids=dec), self.key)
-
-
-class Pixels(Out):
-    def forward(self, x):
-        return getattr(self.m(pixel_values=x), self.key)
-
-
-class Audio(Out):
-    def forward(self, x, mask):
-        return getattr(self.m(input_values=x, attention_mask=mask), self.key)
-
-
-class Features(Out):
-    def forward(self, x):
-        return getattr(self.m(input_features=x), self.key)
-
-
-def padding_mask(left=False):
-    """(B, T) with zeros in two rows: row 1 right-padded, row 2 padded on the left or right."""
-    m = torch.ones(B, T, dtype=torch.long)
+def padding_mask(b, left=False):
+    """(b, T) with zeros in two rows: row 1 right-padded, row 2 padded on the left or right."""
+    m = torch.ones(b, T, dtype=torch.long)
     m[1, -3:] = 0
     if left:
         m[2, :2] = 0
@@ -61,11 +35,11 @@ def padding_mask(left=False):
 
 
 def ids_and_mask(left=False):
-    return lambda: (torch.randint(1, V, (B, T)), padding_mask(left))
+    return lambda b: {"input_ids": torch.randint(1, V, (b, T)), "attention_mask": padding_mask(b, left)}
 
 
 def pixels(c=3, s=16):
-    return lambda: (torch.randn(B, c, s, s, dtype=D),)
+    return lambda b: {"pixel_values": torch.randn(b, c, s, s, dtype=D)}
 
 
 def build(cls_name, cfg_name, impl, **cfg):
@@ -84,7 +58,7 @@ LLAMA = dict(SMALL, num_key_value_heads=1, attention_dropout=0.0, pad_token_id=0
 
 
 def text(cls, cfg, key="last_hidden_state", left=False, **kw):
-    return lambda impl: (Ids(build(cls, cfg, impl, **kw), key), ids_and_mask(left))
+    return lambda impl: Case(build(cls, cfg, impl, **kw), key, ids_and_mask(left))
 
 
 MODELS = {
@@ -131,28 +105,27 @@ VIT = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermedi
 
 
 def vision(cls, cfg, key="last_hidden_state", c=3, s=16, **kw):
-    return lambda impl: (Pixels(build(cls, cfg, impl, **kw), key), pixels(c, s))
+    return lambda impl: Case(build(cls, cfg, impl, **kw), key, pixels(c, s))
 
 
 def seq2seq(cls, cfg, key="last_hidden_state", **kw):
-    def make(impl):
-        def inputs():
-            return torch.randint(1, V, (B, T)), padding_mask(), torch.randint(1, V, (B, 5))
-        return Seq2Seq(build(cls, cfg, impl, **kw), key), inputs
-    return make
+    def inputs(b):
+        return {**ids_and_mask()(b), "decoder_input_ids": torch.randint(1, V, (b, 5))}
+    return lambda impl: Case(build(cls, cfg, impl, **kw), key, inputs)
 
 
 def audio(cls, cfg, key="last_hidden_state", n=400, **kw):
+    def inputs(b):
+        mask = torch.ones(b, n, dtype=torch.long)
+        mask[1, -150:] = 0
+        return {"input_values": torch.randn(b, n, dtype=D), "attention_mask": mask}
+
     def make(impl):
-        def inputs():
-            mask = torch.ones(B, n, dtype=torch.long)
-            mask[1, -150:] = 0
-            return torch.randn(B, n, dtype=D), mask
         model = build(cls, cfg, impl, **kw)
         # The feature encoder sets its output's requires_grad in the forward (for gradient
         # checkpointing), which no graph can trace; its parameters stay trainable without it.
         model.feature_extractor._requires_grad = False
-        return Audio(model, key), inputs
+        return Case(model, key, inputs)
     return make
 
 
@@ -204,7 +177,8 @@ def whisper(impl):
                         decoder_layers=1, decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
                         max_source_positions=8, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
     cfg._attn_implementation = impl
-    return Features(WhisperEncoder(cfg).to(D)), lambda: (torch.randn(B, 8, 16, dtype=D),)
+    return Case(WhisperEncoder(cfg).to(D), "last_hidden_state",
+                lambda b: {"input_features": torch.randn(b, 8, 16, dtype=D)})
 
 
 MODELS["whisper_encoder"] = whisper

@@ -63,6 +63,9 @@ class Outputs(tuple):
 # --- size arithmetic that never installs a guard on symbolic sizes ---
 
 def known_equal(a, b) -> bool:
+    """a == b for every value of the symbols. A size argument may be a graph node holding a
+    SymInt (symbolic shapes): its value is compared."""
+    a, b = _val(a), _val(b)
     if isinstance(a, int) and isinstance(b, int):
         return a == b
     return statically_known_true(a == b)
@@ -119,6 +122,12 @@ def _out_shape(node):
     if isinstance(v, (tuple, list)):
         v = v[0] if v and isinstance(v[0], torch.Tensor) else None
     return tuple(v.shape) if isinstance(v, torch.Tensor) else None
+
+
+def _val(v):
+    """An argument's value: a size or scalar argument is a node holding a SymInt under symbolic
+    shapes, a plain number otherwise."""
+    return v.meta.get("val") if isinstance(v, fx.Node) else v
 
 
 def _one(lays):

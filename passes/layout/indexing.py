@@ -67,7 +67,15 @@ def _batch_arange_axis(node, B):
         return inner + (1 if _dim(node.args[1], len(_shape(node))) <= inner else 0)
     if node.target in _SAME_VALUES:  # expand may add leading dims
         return inner + len(_shape(node)) - len(_shape(node.args[0]))
+    if node.target == aten.slice.Tensor and _whole_slice(node):  # arange(B)[:] (symbolic B)
+        return inner
     return None
+
+
+def _whole_slice(node) -> bool:
+    """slice(x, dim, 0, end, 1) that keeps all of x (end at or past the size)."""
+    start, step = _arg(node, 2, "start", None), _arg(node, 4, "step", 1)
+    return start in (None, 0) and step == 1 and same_shape(_shape(node), _shape(node.args[0]))
 
 
 def _advanced_layout(indices):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from . import (MIXED, Layout, Outputs, _arg, _dim, _one, _shape, aten, exact_div, fits, known_equal,
+from . import (MIXED, Layout, Outputs, _arg, _val, _dim, _one, _shape, aten, exact_div, fits, known_equal,
                layout_rule, same_shape)
 
 
@@ -15,10 +15,6 @@ def _select(node, layouts, B):
     if d == lay.dim:
         return MIXED  # one sample's values, handed on without a batch
     return Layout(lay.dim - (1 if d < lay.dim else 0), lay.outer, lay.inner)
-
-
-def _val(v):
-    return v.meta.get("val") if isinstance(v, fx.Node) else v
 
 
 def _blocks(lay, start, length, B):

@@ -63,8 +63,9 @@ def _f32(t):
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
-def conv_ghost_norm_sq(go, x, weight_shape, lay_inner_ref, conv, batch):
-    """Per-sample ||grad_weight||^2 from unfolded activations and output gradients."""
+def _grouped_rows(go, x, weight_shape, conv, batch):
+    """(A, G): per sample and group, the unfolded input rows A (B * g, inner * L, Cin/g * K) and
+    the output gradient rows G (B * g, inner * L, Cout/g) of a convolution with this weight."""
     g = conv["groups"]
     out_ch = weight_shape[0]
     kernel = list(weight_shape[2:])
@@ -74,6 +75,12 @@ def conv_ghost_norm_sq(go, x, weight_shape, lay_inner_ref, conv, batch):
     # (B, inner, g, d, L) -> (B, g, inner * L, d)
     a = a.reshape(batch, inner, g, ck // g, L).permute(0, 2, 1, 4, 3).reshape(batch * g, inner * L, ck // g)
     gg = go.reshape(batch, inner, g, out_ch // g, L).permute(0, 2, 1, 4, 3).reshape(batch * g, inner * L, out_ch // g)
+    return a, gg
+
+
+def conv_ghost_norm_sq(go, x, weight_shape, lay_inner_ref, conv, batch):
+    """Per-sample ||grad_weight||^2 from unfolded activations and output gradients."""
+    a, gg = _grouped_rows(go, x, weight_shape, conv, batch)
     a, gg = _f32(a), _f32(gg)
     ga = torch.bmm(a, a.transpose(1, 2))
     gb = torch.bmm(gg, gg.transpose(1, 2))
@@ -81,6 +88,26 @@ def conv_ghost_norm_sq(go, x, weight_shape, lay_inner_ref, conv, batch):
 
 
 def _per_sample_weight_grad(go, x, w, conv, batch):
+    """(B, *w.shape) per-sample weight gradients. With a static batch size, one grouped
+    convolution (vmap of convolution_backward: groups = B * groups). Its groups must be a
+    number, so a symbolic batch size would be specialized (a recompile for every size, and
+    Dynamo's recompile limit within a few Poisson steps): then G^T A on unfolded rows."""
+    if isinstance(batch, int):
+        return _per_sample_grouped_conv(go, x, w, conv, batch)
+    return unfolded_weight_grad(go, x, tuple(w.shape), conv, batch)
+
+
+def unfolded_weight_grad(go, x, weight_shape, conv, batch=1):
+    """(batch, *weight_shape): the weight gradient of each of `batch` equal parts of the batch,
+    as G^T A on unfolded rows: no grouped convolution, so it vmaps and traces without
+    specializing a symbolic batch size."""
+    if conv["transposed"]:  # its weight gradient is a convolution's, input and output swapped
+        go, x = x, go
+    a, gg = _grouped_rows(go, x, weight_shape, conv, batch)
+    return torch.bmm(gg.transpose(1, 2), a).reshape(batch, *weight_shape)
+
+
+def _per_sample_grouped_conv(go, x, w, conv, batch):
     gos = go.reshape(batch, go.shape[0] // batch, *go.shape[1:])
     xs = x.reshape(batch, x.shape[0] // batch, *x.shape[1:])
 

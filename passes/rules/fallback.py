@@ -13,6 +13,7 @@ import torch.fx as fx
 from ..builder import is_tensor_node, run_node
 from ..errors import PrivacyError
 from . import InstantiatedRoute, replay, rule
+from .vmap_forms import SYMBOLIC_BATCH_FORMS, VMAP_FORMS
 
 
 def _size_source(sym: fx.Node):
@@ -56,48 +57,6 @@ aten = torch.ops.aten
 _VIEWS = {aten.view.default, aten._unsafe_view.default}
 
 
-# --- ops whose vmap batching rule fails on arguments the graph holds: replayed in a form that
-# vmaps (the same values). slice_scatter's fails on unnormalized bounds (x[..., n:] ends at
-# INT64_MAX, x[:, :-1] at -1, steps > 1); as_strided_scatter has none. (Audited: select,
-# select_scatter, slice, narrow, diagonal_scatter, index_put, unfold, constant_pad_nd, roll and
-# the embedding backward ops batch as they are.)
-
-def _min(a, b):
-    return min(a, b) if isinstance(a, int) and isinstance(b, int) else torch.sym_min(a, b)
-
-
-def _max(a, b):
-    return max(a, b) if isinstance(a, int) and isinstance(b, int) else torch.sym_max(a, b)
-
-
-def _bounds(size, start, end):
-    """Slice bounds (None, negative, or past the end) as 0 <= start <= end <= size."""
-    start = 0 if start is None else start + size if isinstance(start, int) and start < 0 else start
-    end = size if end is None else end + size if isinstance(end, int) and end < 0 else end
-    start = _min(_max(start, 0), size)
-    return start, _max(_min(end, size), start)
-
-
-def _slice_scatter(base, src, dim=0, start=None, end=None, step=1):
-    dim = dim % base.dim()
-    return aten.slice_scatter.default(base, src, dim, *_bounds(base.shape[dim], start, end), step)
-
-
-def _as_strided_scatter(base, src, size, stride, storage_offset=None):
-    """src written where base.as_strided(size, stride, offset) looks (base contiguous, as
-    functionalization makes it): an index_put of src at those flat positions."""
-    flat = torch.arange(base.numel(), device=base.device).reshape(base.shape)
-    positions = aten.as_strided.default(flat, size, stride, storage_offset or 0).reshape(-1)
-    out = base.reshape(-1).index_put((positions,), src.reshape(-1))
-    return out.reshape(base.shape)
-
-
-VMAP_FORMS = {
-    aten.slice_scatter.default: _slice_scatter,
-    aten.as_strided_scatter.default: _as_strided_scatter,
-}
-
-
 def _check_replayable(order) -> None:
     for node in order:
         if node.target == aten.as_strided_scatter.default and not _fresh(node.args[0]):
@@ -128,6 +87,7 @@ class FallbackRoute(InstantiatedRoute):
             seed_vals, outside_vals = values[:n_seeds], values[n_seeds:]
             batch = seed_vals[0].shape[0]
             masks = torch.eye(batch, dtype=torch.bool, device=seed_vals[0].device)
+            forms = VMAP_FORMS if isinstance(batch, int) else SYMBOLIC_BATCH_FORMS
 
             def one_sample(mask):
                 env = dict(zip(outside, outside_vals))
@@ -139,8 +99,8 @@ class FallbackRoute(InstantiatedRoute):
                         env[node] = env[source].shape[dim]
                     elif node.target in _VIEWS:  # batched (vmapped) strides may not allow a view
                         env[node] = run_node(node, env, target=aten.reshape.default)
-                    elif node.target in VMAP_FORMS:
-                        env[node] = run_node(node, env, target=VMAP_FORMS[node.target])
+                    elif node.target in forms:
+                        env[node] = run_node(node, env, target=forms[node.target])
                     else:
                         env[node] = run_node(node, env)
                 return replay(c.path, c.root, env[c.root])
