@@ -26,6 +26,25 @@ def run_check(model, inputs, targets=None, loss_fn=mse, C=0.5, reduction="mean",
     model = model.to(dtype)
     pm = fxclip.privatize(model, max_grad_norm=C, loss_reduction=reduction)
     run = torch.compile(pm) if compiled else pm
+    _step_matches_reference(model, pm, run, inputs, targets, loss_fn, C, reduction, tol)
+    return {r.name: r for r in pm.last_report.params}
+
+
+def run_steps(model, make_inputs, sizes=(4, 3, 5), compiled=False, C=0.5, tol=1e-9):
+    """A run of one privatized model: a batch of each size in turn (a static graph, then one
+    dynamic graph for the others), every step against the torch.func reference; returns the
+    report rows of the last step."""
+    model = model.to(D)
+    pm = fxclip.privatize(model, max_grad_norm=C)
+    run = torch.compile(pm) if compiled else pm
+    for b in sizes:
+        model.zero_grad(set_to_none=True)
+        _step_matches_reference(model, pm, run, make_inputs(b), None, mse, C, "mean", tol)
+    assert not pm.last_report.batch_size.isdigit(), pm.last_report.batch_size  # one dynamic graph
+    return {r.name: r for r in pm.last_report.params}
+
+
+def _step_matches_reference(model, pm, run, inputs, targets, loss_fn, C, reduction, tol):
     out = run(*inputs)
     if targets is None:
         targets = torch.randn_like(out)
@@ -39,11 +58,10 @@ def run_check(model, inputs, targets=None, loss_fn=mse, C=0.5, reduction="mean",
             scale = ref[n].abs().max().clamp(min=1e-12)
             grad = p.grad if p.grad is not None else torch.zeros_like(p)  # unused in forward
             err = ((grad - ref[n]).abs().max() / scale).item()
-            assert err < tol, (n, err)
+            assert err < tol, (len(targets), n, err)
     got = pm.per_sample_norms
     assert torch.allclose(got.to(norms.dtype), norms, rtol=tol * 10, atol=1e-12)
     _LAST["report"] = pm.last_report
-    return {r.name: r for r in pm.last_report.params}
 
 
 _LAST = {}
@@ -254,8 +272,8 @@ class TextNet(nn.Module):
         return s.h(torch.tanh(s.e(x) + s.pos(torch.arange(x.shape[1]))))
 
 
-def _tokens():
-    x = torch.randint(0, 20, (4, 5))
+def _tokens(b=4):
+    x = torch.randint(0, 20, (b, 5))
     x[:, -1] = 0  # padding
     x[0, :3] = 7  # a repeated token
     return x

@@ -89,7 +89,15 @@ def exact_div(a, b):
     if isinstance(a, int) and isinstance(b, int):
         return a // b if b and a % b == 0 else None
     q = a // b
-    return q if statically_known_true(q * b == a) else None
+    return as_int(q) if statically_known_true(q * b == a) else None
+
+
+def as_int(x):
+    """A symbolic size whose value is the same for every value of the symbols ((5 * s0) // s0)
+    as a plain int; anything else as it is."""
+    if isinstance(x, torch.SymInt) and x.node.expr.is_number:
+        return int(x.node.expr)
+    return x
 
 
 def _prod(xs):

@@ -170,11 +170,12 @@ def split_batch(x: torch.Tensor, layout, batch: int) -> torch.Tensor:
 def normalized(layout):
     """The layout with a plain int `outer` (rules call this OUTSIDE traced fns: a symbolic size
     read inside one is not an input of the trace), or None for a symbolic outer other than 1."""
-    from ..layout import Layout, known_equal
+    from ..layout import Layout, as_int, known_equal
 
     if known_equal(layout.outer, 1):
         return Layout(layout.dim, 1, layout.inner)
-    return layout if isinstance(layout.outer, int) else None
+    outer = as_int(layout.outer)
+    return Layout(layout.dim, outer, layout.inner) if isinstance(outer, int) else None
 
 
 def _sample_factor(x: torch.Tensor, layout, clip: torch.Tensor):
