@@ -104,3 +104,23 @@ def test_slice_scatter(start, end):
     form = lambda a, b: forms._slice_scatter(b, a, 2, start, end)  # noqa: E731
     assert torch.equal(_per_sample_lanes(form, src, base), _per_sample_lanes(op, src, base))
     assert _specialized(op, src, base) and not _specialized(form, src, base)
+
+
+def test_fma():
+    g, b, c = (torch.randn(3, 4, 5, dtype=D) for _ in range(3))
+    op = lambda a, b, c: torch.ops.prims.fma.default(a, b, c)  # noqa: E731
+    form = forms._fma
+    torch.testing.assert_close(_per_sample_lanes(form, g, b, c), _per_sample_lanes(op, g, b, c), rtol=1e-15, atol=1e-15)
+    assert _specialized(op, g, b, c) and not _specialized(form, g, b, c)
+
+
+@pytest.mark.parametrize("dim", [-1, 1, 0])
+def test_scatter_add(dim):
+    src, base = torch.randn(3, 4, 5, dtype=D), torch.randn(3, 4, 6, dtype=D)
+    index = torch.randint(0, 3 if dim == 0 else 4 if dim == 1 else 6, (3, 4, 5))
+    op = lambda s, b, i: aten.scatter_add.default(b, dim, i, s)  # noqa: E731
+    form = lambda s, b, i: forms._scatter_add(b, dim, i, s)  # noqa: E731
+    torch.testing.assert_close(_per_sample_lanes(form, src, base, index), _per_sample_lanes(op, src, base, index),
+                               rtol=1e-15, atol=1e-15)
+    assert _specialized(op, src, base, index)
+    assert _specialized(form, src, base, index) == (dim == 0)  # along the rows the op itself runs

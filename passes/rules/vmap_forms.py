@@ -150,12 +150,29 @@ def _cat(tensors, dim=0):
     return out
 
 
+def _fma(a, b, c):
+    """prims.fma (Inductor's softmax backward; no batching rule: a loop over the batch) as
+    c + a * b, rounded twice instead of once."""
+    return torch.addcmul(c, a, b)
+
+
+def _scatter_add(base, dim, index, src):
+    """scatter_add along a dim other than the rows: each row of base takes values from the same
+    row of src only, so the vmapped dim is merged into the rows (its batching rule needs every
+    size as a number)."""
+    rows = base.shape[0]
+    if dim % base.dim() == 0 or not all(statically_known_true(t.shape[0] == rows) for t in (index, src)):
+        return aten.scatter_add.default(base, dim, index, src)
+    return _rows_apart(lambda b, i, s: aten.scatter_add.default(b, dim, i, s), (True,) * 3, base, index, src)
+
+
 VMAP_FORMS = {
     aten.slice_scatter.default: _slice_scatter,
     aten.as_strided_scatter.default: _as_strided_scatter,
     aten._scaled_dot_product_flash_attention_for_cpu_backward.default: _flash_attention_cpu_backward,
     aten._weight_norm_interface_backward.default: _weight_norm_backward,
+    torch.ops.prims.fma.default: _fma,
 }
 # with a static batch size, the grouped convolution is kept: unfolded rows take more memory
 SYMBOLIC_BATCH_FORMS = {**VMAP_FORMS, aten.convolution_backward.default: _convolution_backward,
-                        aten.cat.default: _cat}
+                        aten.cat.default: _cat, aten.scatter_add.default: _scatter_add}
