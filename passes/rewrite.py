@@ -7,6 +7,8 @@ all parameters, each parameter routed through the first rule that matches (passe
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.fx as fx
 
@@ -15,7 +17,7 @@ from ._torch import input_index, output_descriptors
 from .builder import GraphBuilder
 from .canonical import bmm_of_one_as_mm
 from .errors import PrivacyError
-from .layout import Layout, analyze, known_equal, same_shape, size_hint
+from .layout import Layout, analyze, as_int, known_equal, same_shape, size_hint
 from .mixing import check_batch_independence, check_no_batch_state, model_region
 from .prune import prune_unused_outputs
 from .report import ParamRoute, RewriteReport, rule_counters
@@ -328,6 +330,7 @@ def rewrite_joint_graph(graph: fx.Graph) -> RewriteReport | None:
     group_of = dict(zip(params, spec["groups"]))
     routes: dict[fx.Node, list] = {}
     norm_terms: dict[int, list] = {}  # clipping group -> per-parameter squared norms
+    specialized = False  # a route made the symbolic batch size a number (warned once)
     for param, name in params.items():
         if param not in grad_slots:
             continue  # unused in this forward: it gets no gradient at all
@@ -342,6 +345,7 @@ def rewrite_joint_graph(graph: fx.Graph) -> RewriteReport | None:
         else:  # a shared parameter: the norm of its TOTAL per-sample gradient, cross terms included
             term = shared_norm_sq(found, ctx)
         norm_terms.setdefault(group_of[param], []).append(term)
+        specialized = specialized or _warn_if_specialized(B, name, found)
 
     if not routes:  # no trainable parameter reached the output
         check_coverage(graph, params, set(batch_nodes))
@@ -369,12 +373,31 @@ def rewrite_joint_graph(graph: fx.Graph) -> RewriteReport | None:
             new = builder.call(lambda t: t.to(want.dtype).reshape(want.shape), new)
         new.meta["fxclip"] = {"param": name, "role": "reweight"}
         new_outputs[grad_slots[param]] = new
+        specialized = specialized or _warn_if_specialized(B, name, found)
     output.args = (tuple(new_outputs),) + tuple(output.args[1:])
     graph.eliminate_dead_code()
     prune_unused_outputs(graph)
     check_coverage(graph, params, set(batch_nodes))
     graph.lint()
     return _report(graph, spec, params, routes, B)
+
+
+SPECIALIZED = (
+    "fxclip: computing the per-sample gradients of parameter {name!r} ({rule}) fixed the batch size "
+    "of this graph to {size}: every new batch size compiles again, and Dynamo refuses the model "
+    "after its recompile limit (8 sizes by default). Give the batches fixed shapes "
+    "(make_private(..., pad_to_multiple=k)), and please report the model."
+)
+
+
+def _warn_if_specialized(B, name, routes) -> bool:
+    """Warn when building a parameter's routes turned a symbolic batch size into a number (an
+    op whose per-sample form needs the size as a number): correct, but a recompile per size."""
+    if not (isinstance(B, torch.SymInt) and isinstance(size := as_int(B), int)):
+        return False
+    warnings.warn(SPECIALIZED.format(name=name, rule="+".join(sorted({r.rule for r in routes})), size=size),
+                  stacklevel=2)
+    return True
 
 
 LOSS_SHAPE = (
