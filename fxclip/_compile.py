@@ -6,7 +6,7 @@ import pathlib
 import types
 import warnings
 
-from .passes import _torch, rewrite_joint_graph
+from .passes import _torch
 
 # RewriteReport of the latest graph rewritten under the user's torch.compile (Inductor), per
 # set of trainable parameter names: identical models share compiled graphs, others must not
@@ -38,6 +38,8 @@ def _warn_if_unchecked(report) -> None:
 
 
 def _inductor_pass(graph) -> None:
+    from .passes import rewrite_joint_graph  # loaded at the first compile, not at import
+
     report = rewrite_joint_graph(graph)
     if report is not None:
         if report.param_names() not in compiled_reports:  # once per privatized model
@@ -47,6 +49,7 @@ def _inductor_pass(graph) -> None:
 
 def install() -> None:
     _torch.install_inductor_joint_pass(_inductor_pass, _pass_version())
+    _torch.ignore_logger_calls()  # a logging call in forward must not split the traced model
 
 
 def trace_recurrent_modules(model) -> None:
@@ -62,6 +65,8 @@ def compile_eager(owner, method: str):
     """Compile owner.<method> for the eager path, reporting the rewrite to the owner."""
 
     def joint_pass(graph):
+        from .passes import rewrite_joint_graph
+
         report = rewrite_joint_graph(graph)
         if report is not None:
             if not owner._loss_warned:  # once per privatized module

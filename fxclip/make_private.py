@@ -5,7 +5,6 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .accounting import Accountant, noise_multiplier_for
 from .optim import DPOptimizer
 from .privatize import privatize
 from .sampling import PoissonDataLoader
@@ -88,6 +87,8 @@ def make_private(
                                                     pad_to_multiple=pad_to_multiple, privatized_module=pm)
     else:
         loader = data_loader
+
+    from .accounting import Accountant, noise_multiplier_for  # dp_accounting: at first use
 
     if target_epsilon is not None:
         if not (isinstance(epochs, (int, float)) and epochs > 0):

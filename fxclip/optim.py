@@ -22,7 +22,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from .accounting import Accountant
 from .passes import PrivacyError, _torch
 from .passes.ops import STATE_FIELDS
 from .privatize import BAD_REDUCTION
@@ -185,6 +184,8 @@ class DPOptimizer(torch.optim.Optimizer):
         if secure_rng and generator is not None:
             raise ValueError("pass either generator= (seedable, for tests) or secure_rng=True, not both")
         if isinstance(accountant, str):
+            from .accounting import Accountant  # dp_accounting loads at first use, not at import
+
             accountant = Accountant(accountant)
 
         owner = {id(p): part for part in parts for p in part.parameters()}

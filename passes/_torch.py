@@ -1,26 +1,124 @@
 """Every use of private torch APIs (torch._dynamo, torch._functorch, torch._inductor, torch._guards).
 
-Pinned to torch 2.13 (pyproject.toml); a torch upgrade should only touch this file.
+Tested on torch 2.13, 2.14 and 2.15 (pyproject.toml, .ci/run); a torch upgrade should only touch
+this file. Where an internal differs between those releases, the branch names the release.
+torch._dynamo and torch._inductor are imported at first use, not here: importing them costs ~2 s
+and ~70 MB, which `import fxclip` must not pay (bench/import_cost.py).
 """
 from __future__ import annotations
 
+import importlib
+import warnings
+
 import torch
-import torch._dynamo.exc as _dynamo_exc
 from torch._guards import detect_fake_mode as _detect_fake_mode
-from torch._inductor import config as _inductor_config
-from torch._inductor.custom_graph_pass import CustomGraphPass
-import torch._inductor.lowering  # noqa: F401,E402  (registers the prims Inductor decomposes into)
+
+# The releases the test suite passes on (.ci/run runs it on each); pyproject.toml's range.
+TESTED_TORCH = ("2.13", "2.14", "2.15")
+TESTED_RANGE = "torch>=2.13.0,<2.16"
 
 
-class DynamoPassthroughError(_dynamo_exc.ShortenTraceback):
+def torch_release(version: str | None = None) -> str:
+    """'2.15' of '2.15.0+cu130' (torch.__version__ by default)."""
+    return ".".join((version or torch.__version__).split("+")[0].split(".")[:2])
+
+
+def untested_torch_note(version: str | None = None) -> str:
+    """'' on a tested torch; else a sentence naming the version and the tested range."""
+    version = version or torch.__version__
+    if torch_release(version) in TESTED_TORCH:
+        return ""
+    return (f"torch {version} is outside the releases fxclip is tested on ({TESTED_RANGE}); a torch "
+            "internal its graph pass uses may have changed. Install a tested torch, or report this "
+            "with the torch version.")
+
+
+def warn_if_untested_torch() -> None:
+    """Once per process (at `import fxclip`): the pass uses torch internals, so a torch outside
+    the tested range may fail in it. Its checks (coverage, mixing) still run, so a failure is an
+    error, not a wrong gradient."""
+    note = untested_torch_note()
+    if note:
+        warnings.warn("fxclip: " + note, stacklevel=2)
+
+
+class _LazyModule:
+    """Attribute access to a module imported at first use (e.g. `_dynamo_exc.Unsupported`)."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr):
+        return getattr(importlib.import_module(self._name), attr)
+
+
+_dynamo_exc = _LazyModule("torch._dynamo.exc")
+
+
+def assume_constant_result(fn):
+    """torch.compiler.assume_constant_result without its `import torch._dynamo` (~2 s, ~70 MB
+    at import time of the decorated module): the mark Dynamo reads when it traces a call of fn
+    (torch/_dynamo/decorators.py, the same in 2.13, 2.14 and 2.15)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+def load_inductor_prims() -> None:
+    """Registers the prims Inductor decomposes into (prims.fma, ...), which the layout and rule
+    modules name at import; loads torch._dynamo and torch._inductor."""
+    import torch._inductor.lowering  # noqa: F401
+
+
+class DynamoPassthroughError(RuntimeError):
     """Base for errors raised inside a compiler backend that must reach the user unwrapped.
 
-    Dynamo wraps backend exceptions in BackendCompilerFailed, except ShortenTraceback
-    subclasses, which it re-raises as they are.
+    Dynamo wraps backend exceptions in BackendCompilerFailed, except subclasses of its
+    ShortenTraceback, which it re-raises as they are. That class lives in torch._dynamo, which
+    `import fxclip` does not load: the pass's entry points re-raise through `passthrough`, which
+    gives the error a subclass that is also a ShortenTraceback.
     """
 
-    def __init__(self, *args):
-        super().__init__(*args, first_useful_frame=None)
+
+_PASSTHROUGH: dict = {}
+
+
+def passthrough(e: DynamoPassthroughError) -> Exception:
+    """`e` as an instance of a subclass of its class and Dynamo's ShortenTraceback, to raise from
+    inside a compiler backend: same name and message (`except PrivacyError` still catches it),
+    plus the torch version on a torch outside the tested range."""
+    from torch._dynamo.exc import ShortenTraceback
+
+    cls = type(e)
+    sub = _PASSTHROUGH.get(cls)
+    if sub is None:
+        def init(self, *args):
+            ShortenTraceback.__init__(self, *args, first_useful_frame=None)
+
+        sub = _PASSTHROUGH[cls] = type(cls.__name__, (cls, ShortenTraceback), {
+            "__module__": cls.__module__, "__qualname__": cls.__qualname__, "__init__": init,
+            "__reduce__": lambda self: (cls, self.args)})  # pickles as the plain class
+    note, args = untested_torch_note(), e.args
+    if note and args and isinstance(args[0], str) and note not in args[0]:
+        args = (f"{args[0]} ({note})",) + args[1:]
+    out = sub(*args)
+    out.__dict__.update(e.__dict__)
+    return out.with_traceback(e.__traceback__)
+
+
+def run_joint_pass(fn, graph) -> None:
+    """fn(graph) inside a compiler backend: a PrivacyError reaches the user unwrapped; on a torch
+    outside the tested range, any failure of the pass names the torch version."""
+    try:
+        fn(graph)
+    except DynamoPassthroughError as e:
+        if isinstance(e, _dynamo_exc.ShortenTraceback):
+            raise
+        raise passthrough(e) from e.__cause__
+    except Exception as e:
+        note = untested_torch_note()
+        if not note:
+            raise
+        raise RuntimeError(f"fxclip's graph pass failed ({type(e).__name__}: {e}). {note}") from e
 
 
 def fake_mode_of(values):
@@ -28,6 +126,7 @@ def fake_mode_of(values):
 
 
 def inductor_decompositions():
+    load_inductor_prims()  # before the decompositions that produce them
     from torch._inductor.decomposition import select_decomp_table
 
     return select_decomp_table()
@@ -41,7 +140,7 @@ def aot_eager_backend(joint_pass):
     from torch._functorch.partitioners import default_partition
 
     def partition(joint_module, joint_inputs, **kwargs):
-        joint_pass(joint_module.graph)
+        run_joint_pass(joint_pass, joint_module.graph)
         joint_module.recompile()
         return default_partition(joint_module, joint_inputs, **kwargs)
 
@@ -54,20 +153,32 @@ def aot_eager_backend(joint_pass):
     )
 
 
-class _JointPass(CustomGraphPass):
-    def __init__(self, fn, uuid: str, chained=None):
-        self.fn, self._uuid, self.chained = fn, uuid, chained
+_JOINT_PASS_CLASS = []
 
-    def __call__(self, graph):
-        if self.chained is not None:
-            self.chained(graph)
-        self.fn(graph)
 
-    def uuid(self):
-        # Enters Inductor's FX-graph and AOTAutograd cache keys, so a change to the pass
-        # never reuses a graph compiled by an older one.
-        inner = self.chained.uuid() if self.chained is not None else None
-        return (self._uuid, inner)
+def _joint_pass_class():
+    """The CustomGraphPass subclass, defined at first use (CustomGraphPass loads torch._inductor)."""
+    if _JOINT_PASS_CLASS:
+        return _JOINT_PASS_CLASS[0]
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    class _JointPass(CustomGraphPass):
+        def __init__(self, fn, uuid: str, chained=None):
+            self.fn, self._uuid, self.chained = fn, uuid, chained
+
+        def __call__(self, graph):
+            if self.chained is not None:
+                self.chained(graph)
+            run_joint_pass(self.fn, graph)
+
+        def uuid(self):
+            # Enters Inductor's FX-graph and AOTAutograd cache keys, so a change to the pass
+            # never reuses a graph compiled by an older one.
+            inner = self.chained.uuid() if self.chained is not None else None
+            return (self._uuid, inner)
+
+    _JOINT_PASS_CLASS.append(_JointPass)
+    return _JointPass
 
 
 def install_inductor_joint_pass(fn, uuid: str) -> None:
@@ -75,10 +186,13 @@ def install_inductor_joint_pass(fn, uuid: str) -> None:
 
     Idempotent; keeps (and runs first) a pass the user had installed already.
     """
+    from torch._inductor import config as _inductor_config
+
+    joint_pass = _joint_pass_class()
     current = _inductor_config.joint_custom_pre_pass
-    if isinstance(current, _JointPass) and current.fn is fn:
+    if isinstance(current, joint_pass) and current.fn is fn:
         return
-    _inductor_config.joint_custom_pre_pass = _JointPass(fn, uuid, chained=current)
+    _inductor_config.joint_custom_pre_pass = joint_pass(fn, uuid, chained=current)
 
 
 def output_descriptors(output_node):
@@ -119,8 +233,26 @@ def compile_with_backend(fn, backend):
             return compiled(*args, **kwargs)
         except (_dynamo_exc.Unsupported, _dynamo_exc.UserError) as e:
             raise PrivacyError(tracing_failure_message(e)) from e
+        except getattr(_dynamo_exc, "FailOnRecompileLimitHit", ()) as e:
+            raise PrivacyError(RECOMPILE_LIMIT.format(limit=_dynamo_config().recompile_limit)) from e
 
     return call
+
+
+RECOMPILE_LIMIT = (
+    "the privatized model was compiled for more input shapes than Dynamo's recompile limit "
+    "({limit}) allows, so it cannot run for this one. Usually an op fixed the batch size to a "
+    "number, so that every new Poisson batch size compiles a new graph (fxclip.explain(model, x) "
+    "shows the graph's ops; please report the model). Pad batches to a few sizes "
+    "(fxclip.make_private(..., pad_to_multiple=k) pads rows with weight 0), or raise "
+    "torch._dynamo.config.recompile_limit."
+)
+
+
+def _dynamo_config():
+    import torch._dynamo.config as _dynamo_config
+
+    return _dynamo_config
 
 
 def allow_rnn_tracing() -> None:
@@ -131,6 +263,31 @@ def allow_rnn_tracing() -> None:
     import torch._dynamo.config as _dynamo_config
 
     _dynamo_config.allow_rnn = True
+
+
+# logging.Logger methods that only emit a record and return None; "_once" variants are what
+# transformers adds to Logger (warning_once, info_once)
+_LOGGER_METHODS = ("debug", "info", "warning", "warn", "error", "exception", "critical", "fatal", "log",
+                   "warning_once", "info_once")
+
+
+def ignore_logger_calls() -> None:
+    """Dynamo drops logging.Logger calls in the code it traces instead of breaking the graph at
+    them: a library that logs inside forward (transformers warns there that use_cache is off
+    under gradient checkpointing) would otherwise cut the model into two graphs, which fxclip
+    must refuse. The record is not emitted from traced code; values are unchanged (these methods
+    return None). Set for the process, like allow_rnn_tracing: under the user's own
+    torch.compile no scope of ours is open while Dynamo traces. Methods are read from Logger at
+    each call, so ones a library added since the last privatize() are included."""
+    import logging
+
+    import torch._dynamo.config as _dynamo_config
+
+    key = "ignore_logging_functions"  # 2.13's name; earlier releases: ignore_logger_methods
+    key = key if hasattr(_dynamo_config, key) else "ignore_logger_methods"
+    methods = {getattr(logging.Logger, name) for name in _LOGGER_METHODS if hasattr(logging.Logger, name)}
+    if not methods <= getattr(_dynamo_config, key):
+        setattr(_dynamo_config, key, getattr(_dynamo_config, key) | methods)
 
 
 def _user_line(e) -> str:
@@ -154,9 +311,16 @@ def tracing_failure_message(e) -> str:
     if "requires_grad" in first and "setattr" in first:
         return (f"{head}: the forward sets `requires_grad` on a tensor{at}. torch.compile cannot "
                 "trace that. Remove the assignment from the forward (fxclip's backward reaches "
-                "every trainable parameter without it). In HF wav2vec2-style feature encoders the "
-                "line only serves gradient checkpointing: set "
-                "`model.feature_extractor._requires_grad = False` and its parameters still train.")
+                "every trainable parameter without it). Hugging Face models set it only for "
+                "gradient checkpointing: T5 on its zero position bias while checkpointing is on "
+                "(train T5 without gradient checkpointing), wav2vec2-style feature encoders (set "
+                "`model.feature_extractor._requires_grad = False`; its parameters still train).")
+    if "requires_grad_()" in first:
+        return (f"{head}: the forward calls requires_grad_() on an intermediate tensor{at} ({first}). "
+                "Hugging Face's gradient_checkpointing_enable() (and PEFT) add such a hook to the "
+                "input embeddings, for reentrant checkpointing with frozen embeddings: call "
+                "`model.disable_input_require_grads()` after enabling checkpointing. fxclip traces "
+                "the checkpointed layers into its one graph and needs no such hook.")
     if isinstance(e, _dynamo_exc.UserError) or "data-dependent" in str(e):
         return (f"{head}: control flow{at} depends on tensor values (a loop or branch over "
                 "data-dependent values, such as a Mixture-of-Experts loop `for expert_idx in "
@@ -222,7 +386,7 @@ def joint_graphs_on_fake_device(module, inputs, device: str, joint_pass) -> list
 
     def partition(joint_module, joint_inputs, **kwargs):
         plain = copy.deepcopy(joint_module.graph)
-        joint_pass(joint_module.graph)
+        run_joint_pass(joint_pass, joint_module.graph)
         graphs.append((plain, joint_module.graph))
         raise _Traced
 

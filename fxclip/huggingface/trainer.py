@@ -13,6 +13,8 @@ What changes against transformers.Trainer, hook by hook:
   own loss.
 - training_step: backward of the micro-batch's mean loss, not divided by the accumulation steps
   (DPOptimizer rescales each backward exactly); empty micro-batches skip the forward.
+- gradient checkpointing: the hooks transformers/PEFT add to make the input embeddings' output
+  require grad are removed at each train() (fxclip traces checkpointed layers without them).
 - HF's global gradient-norm clipping and grad_norm logging are off: args.max_grad_norm is the
   per-sample threshold C, and the un-noised gradient's norm must not be logged.
 - checkpoints: the accountant (in DPOptimizer's state_dict, optimizer.pt) and the sampler's RNG
@@ -170,6 +172,7 @@ class DPTrainer(Trainer):
                           and self.args.dataloader_num_workers > 0)
 
     def create_optimizer(self, model=None):
+        _drop_input_require_grads_hooks(self.model)  # train() has just (re)enabled checkpointing
         if self._dp_optimizer is not None and self._dp_optimizer.module.module is self.model:
             return self.optimizer
         optimizer = super().create_optimizer(model)
@@ -296,6 +299,16 @@ def _refuse_unsupported_args(args: DPTrainingArguments) -> None:
         raise ValueError("auto_find_batch_size changes the batch size, and so the sampling rate the privacy "
                          "accounting assumes; to save memory keep per_device_train_batch_size and raise "
                          "gradient_accumulation_steps (each Poisson batch is split into micro-batches)")
+
+
+def _drop_input_require_grads_hooks(model) -> None:
+    """Remove the hooks with which transformers' gradient checkpointing (and PEFT) make the input
+    embeddings' output require grad: reentrant checkpointing with frozen embeddings needs it in
+    eager PyTorch. fxclip traces the checkpointed layers into its one graph, reentrant or not, where
+    the hook changes no gradient, and Dynamo refuses requires_grad_() on an intermediate tensor."""
+    disable = getattr(L.base_model(model), "disable_input_require_grads", None)
+    if callable(disable):
+        disable()
 
 
 def _refuse_wrapped_model(model) -> None:
