@@ -16,6 +16,7 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -42,7 +43,8 @@ print(json.dumps({"torch": torch.__version__, "torch_s": t1 - t0, "torch_rss_mb"
 
 def _run(python: str, importtime: bool):
     cmd = [python] + (["-X", "importtime"] if importtime else []) + ["-c", CHILD]
-    p = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    # run outside the repository: from its root, `import fxclip` would find the source folder
+    p = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=tempfile.gettempdir())
     return json.loads(p.stdout.strip().splitlines()[-1]), p.stderr
 
 

@@ -3,7 +3,6 @@ a light `import fxclip` (the pass, the accountant, the audit load at first use).
 import pickle
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -22,8 +21,7 @@ def _run(code: str, *flags) -> subprocess.CompletedProcess:
 
 
 def test_the_tested_range_is_pyprojects():
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    assert _torch.TESTED_RANGE in deps
+    assert f'"{_torch.TESTED_RANGE}"' in (ROOT / "pyproject.toml").read_text()
     major, minor = _torch.TESTED_TORCH[-1].split(".")
     assert _torch.TESTED_RANGE == f"torch>={_torch.TESTED_TORCH[0]}.0,<{major}.{int(minor) + 1}"
 
