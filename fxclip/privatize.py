@@ -229,7 +229,7 @@ class _ParamTable:
         self.paths = tuple(tuple(n.split(".")) for n in self.names)
 
 
-@torch.compiler.assume_constant_result
+@_torch.assume_constant_result
 def _param_paths(table: _ParamTable) -> tuple:
     return table.paths
 
@@ -242,7 +242,7 @@ def _parameter(module: nn.Module, path: tuple):
     return module._parameters[path[-1]]
 
 
-@torch.compiler.assume_constant_result
+@_torch.assume_constant_result
 def _spec_strings(table: _ParamTable, trainable: tuple) -> tuple:
     """(trainable names, frozen names, trainable parameters' group indices) as batch_output
     carries them. Computed once per compile: `trainable` is a constant of the traced graph."""
