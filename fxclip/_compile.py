@@ -9,9 +9,8 @@ import warnings
 from .passes import _torch
 
 # RewriteReport of the latest graph rewritten under the user's torch.compile (Inductor), per
-# set of trainable parameter names: identical models share compiled graphs, others must not
-# see each other's report
-compiled_reports: dict[frozenset, object] = {}
+# privatized module (passes.protocol.ReportKey): two models never see each other's report
+compiled_reports: dict = {}
 
 
 def _pass_version() -> str:
@@ -42,9 +41,9 @@ def _inductor_pass(graph) -> None:
 
     report = rewrite_joint_graph(graph)
     if report is not None:
-        if report.param_names() not in compiled_reports:  # once per privatized model
+        if report.key not in compiled_reports:  # once per privatized model
             _warn_if_unchecked(report)
-        compiled_reports[report.param_names()] = report
+        compiled_reports[report.key] = report
 
 
 def install() -> None:

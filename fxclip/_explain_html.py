@@ -14,11 +14,12 @@ inline style and script blocks; the page makes no requests.
 from __future__ import annotations
 
 import html
-import json
 import math
-from collections import Counter, defaultdict
+from collections import Counter
 
 import networkx as nx
+
+from ._formatting import csp_hash, fmt_bytes, fmt_count
 
 NODE_H, GROUP_H, GAP_X, GAP_Y, MAX_ROW = 38, 46, 18, 46, 24
 CHAR_W = 6.6
@@ -368,6 +369,7 @@ tr.frozen-row td,tr.unused-row td{color:#8c959f}
 .s-ghost{background:#dafbe1;color:#116329}
 .s-instantiate{background:#fff1c2;color:#7d4e00}
 .s-fallback{background:#ffd8d3;color:#a40e26}
+.why{margin:2px 0 0 0;padding-left:14px;font-size:11px;color:#57606a}
 .s-frozen{background:#eaeef2;color:#57606a}
 code{font-size:11px}
 .toolbar{display:flex;gap:8px;align-items:center;flex-wrap:wrap;margin-bottom:6px}
@@ -497,8 +499,15 @@ JS = r"""
 """
 
 
+def _declines_html(row) -> str:
+    """Under a parameter's rule: each rule that applied and declined, with its reason."""
+    if not row["declines"]:
+        return ""
+    items = "".join(f"<li>{_esc(d['rule'])}: {_esc(d['reason'])}</li>" for d in row["declines"])
+    return f'<ul class="why" title="rules tried first, and why each declined">{items}</ul>'
+
+
 def render_html(expl, flat_view_limit: int = 1500) -> str:
-    from .inspect_report import csp_hash, fmt_bytes, fmt_count
 
     svgs, param_view, has_flat = render_views(expl, flat_view_limit)
     rep = expl.report
@@ -510,7 +519,7 @@ def render_html(expl, flat_view_limit: int = 1500) -> str:
             f'<tr class="param-row{" fallback" if r["fallback"] else ""}" data-param="{_esc(r["name"])}" '
             f'data-view="{param_view.get(r["name"], "")}">'
             f'<td><code>{_esc(r["name"])}</code></td><td>{_esc(r["module"] or "(root)")}</td>'
-            f'<td>{"<br>".join(_esc(o) for o in r["ops"])}</td><td>{_esc(r["rule"])}</td>'
+            f'<td>{"<br>".join(_esc(o) for o in r["ops"])}</td><td>{_esc(r["rule"])}{_declines_html(r)}</td>'
             f'<td data-v="{_esc(r["strategy"])}"><span class="pill s-{strat}">{_esc(r["strategy"])}</span></td>'
             f'<td class="nw">{_esc(shapes)}</td>'
             f'<td class="num" data-v="{r["extra_flops"]}">{_esc(fmt_count(r["extra_flops"]))}</td>'

@@ -36,7 +36,8 @@ from torch.utils.data import default_collate as _default_collate
 
 from .accounting import Accountant, noise_multiplier_for
 from .optim import _LOW_PRECISION, DPOptimizer, _privatized_parts, _unwrap
-from .passes import PrivacyError, _torch
+from .passes import _torch
+from .passes.refusals import refusal
 from .privatize import _clipping_groups, privatize
 from .sampling import _EmptyAwareCollate
 
@@ -361,8 +362,7 @@ def privatize_blocks(model: nn.Module, blocks: list[str], *, max_grad_norm: floa
                if p.requires_grad}
     missing = sorted(trainable - set(covered))
     if missing:
-        raise PrivacyError(f"trainable parameters outside every block would get unclipped gradients: "
-                           f"{missing}. Add their module to `blocks`, or freeze them.")
+        raise refusal("parameters-outside-blocks", missing=missing)
 
     local_clipping, group_count = {}, {}
     for b in blocks:

@@ -12,13 +12,9 @@ cost estimates are shown, never tensor values.
 """
 from __future__ import annotations
 
-import base64
 import copy
-import hashlib
-import html
 import json
 import math
-import re
 from collections import Counter, defaultdict
 
 import networkx as nx
@@ -26,8 +22,10 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
+from ._formatting import fmt_bytes, fmt_count
 from .passes import RewriteReport
 from .passes._torch import input_index, output_descriptors
+from .passes.module_path import module_of
 
 SCHEMA_VERSION = 1
 
@@ -64,7 +62,7 @@ JSON_SCHEMA: dict = {
             "items": {
                 "type": "object",
                 "required": ["name", "module", "op", "ops", "rule", "strategy", "fallback", "shapes",
-                             "extra_flops", "extra_bytes", "uses", "shape", "numel", "dtype"],
+                             "extra_flops", "extra_bytes", "uses", "shape", "numel", "dtype", "declines"],
                 "additionalProperties": False,
                 "properties": {
                     "name": {"type": "string", "description": "as in model.named_parameters()"},
@@ -79,6 +77,11 @@ JSON_SCHEMA: dict = {
                     "extra_flops": {"type": "integer", "description": "estimated FLOPs added for norm + reweighting"},
                     "extra_bytes": {"type": "integer", "description": "estimated extra memory held for its norm"},
                     "uses": {"type": "integer", "minimum": 1},
+                    "declines": {
+                        "type": "array", "description": "each rule tried before `rule` that applies to the "
+                        "parameter's op, and why it declined (a user-readable reason)",
+                        "items": {"type": "object", "required": ["rule", "reason"], "additionalProperties": False,
+                                  "properties": {"rule": {"type": "string"}, "reason": {"type": "string"}}}},
                     "shape": {"type": "array", "items": {"type": "integer"}},
                     "numel": _INT,
                     "dtype": {"type": "string"},
@@ -258,28 +261,8 @@ def _val_info(val):
     return None, None, None
 
 
-_PATH_ROOT = re.compile(r"^L\['[^']*'\]")
-
-
-def clean_module_path(path: str) -> str:
-    """Dynamo's module path (L['self'].module.layers[0].fc, ..._modules['x']) -> layers.0.fc."""
-    path = _PATH_ROOT.sub("", path)
-    path = re.sub(r"\._modules\['([^']*)'\]", r".\1", path)
-    path = re.sub(r"\['([^']*)'\]|\[(\d+)\]", lambda m: "." + (m.group(1) or m.group(2)), path)
-    path = path.lstrip(".")
-    # the PrivatizedModule wraps the user's model as `.module`
-    if path == "module":
-        return ""
-    if path.startswith("module."):
-        path = path[len("module."):]
-    return path
-
-
 def _node_module(node) -> str:
-    stack = node.meta.get("nn_module_stack") or node.meta.get("fwd_nn_module_stack")
-    if not stack:
-        return ""
-    return clean_module_path(list(stack.values())[-1][0])
+    return module_of(node)[0]
 
 
 def _target_name(node) -> str:
@@ -362,24 +345,6 @@ def build_graph(report: RewriteReport) -> nx.DiGraph:
 
 
 # --------------------------------------------------------------------------- formatting
-
-def fmt_count(n: int | None) -> str:
-    if n is None:
-        return "?"
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.3g} {unit}"
-    return str(n)
-
-
-def fmt_bytes(n: int | None) -> str:
-    if n is None:
-        return "?"
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= scale:
-            return f"{n / scale:.3g} {unit}"
-    return f"{n} B"
-
 
 def _shapes_text(shapes: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in shapes.items())
@@ -524,6 +489,7 @@ class Explanation:
                 "shapes": {str(k): str(v) for k, v in r.shapes.items()},
                 "extra_flops": int(r.extra_flops), "extra_bytes": int(r.extra_bytes), "uses": int(r.uses),
                 "shape": [int(d) for d in shape], "numel": int(numel), "dtype": dtype,
+                "declines": [{"rule": rule, "reason": why} for rule, why in r.declines],
             })
         return out
 
@@ -553,8 +519,15 @@ class Explanation:
 
         out = [head, "", line(cols), line(["-" * w for w in widths])]
         out += [line(r) for r in table]
+        out += self.decline_lines()
         out += ["", "summary:"] + ["  " + s for s in self.summary_lines()]
         return "\n".join(out)
+
+    def decline_lines(self) -> list[str]:
+        """Why each parameter off its best rule is there: every rule that applied and declined."""
+        lines = [f"  {row['name']} ({row['rule']}): " + "; ".join(f"{d['rule']}: {d['reason']}" for d in row["declines"])
+                 for row in self.rows() if row["declines"] and row["fallback"]]
+        return ["", "why not a cheaper rule:"] + lines if lines else []
 
     def __repr__(self) -> str:
         s = self.summary
@@ -638,7 +611,3 @@ def _dot_str(s: str) -> str:
 
 
 explain.JSON_SCHEMA = JSON_SCHEMA  # fxclip.explain.JSON_SCHEMA, once fxclip exports explain()
-
-
-def csp_hash(text: str) -> str:
-    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"

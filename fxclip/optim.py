@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from .passes import PrivacyError, _torch
-from .passes.ops import STATE_FIELDS
-from .privatize import BAD_REDUCTION
+from .passes.protocol import DeviceState
+from .passes.refusals import refusal
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 NOISE_CHUNK = 1 << 18  # noise values drawn at a time (1 MB in float32)
@@ -57,23 +57,6 @@ def _privatized_parts(module: nn.Module) -> list:
         if _is_privatized(sub) and not any(sub in set(p.modules()) for p in parts):
             parts.append(sub)
     return parts
-
-
-UNKNOWN_SCALER = (
-    "this step comes from a GradScaler that fxclip was not told about: the backward was scaled, "
-    "so every per-sample gradient was clipped at the scaled threshold and the update would be "
-    "wrong. No parameter changed. Connect the scaler: fxclip.privatize(model, ..., "
-    "grad_scaler=scaler) or fxclip.make_private(..., grad_scaler=scaler)."
-)
-SCALER_NOT_STEPPING = (
-    "the privatized module is connected to a GradScaler, so its gradients are scaled: call "
-    "scaler.step(optimizer) (then scaler.update()), not optimizer.step(). No parameter changed."
-)
-NO_BACKWARD = (
-    "a parameter has a gradient but the privatized module recorded no backward since the last "
-    "step: was the loss computed through the privatized module (pm(x), not model(x))? No "
-    "parameter changed."
-)
 
 
 def _module_bound(parts) -> float:
@@ -200,11 +183,7 @@ class DPOptimizer(torch.optim.Optimizer):
         if missing:
             # such a parameter gets clipped gradients that no step applies, while epsilon is spent:
             # the silent failure of LoRA weights left out of the optimizer
-            raise PrivacyError(
-                f"{len(missing)} trainable parameter(s) of the privatized module are not in the "
-                f"optimizer (first: {missing[0]!r}): they would never be updated while the privacy "
-                "budget is spent. Build the optimizer over all trainable parameters "
-                "(model.parameters()), or freeze the others with requires_grad_(False) before privatize.")
+            raise refusal("parameters-not-in-optimizer", count=len(missing), first=missing[0])
 
         self.original_optimizer = optimizer
         self.module = pm
@@ -328,16 +307,12 @@ class DPOptimizer(torch.optim.Optimizer):
     def _take_state(self, found_inf) -> dict:
         """What the backwards since the last step recorded, over the privatized parts, with
         the scaler's inf flag: ONE host sync per step. Resets the parts' counts."""
-        device = self._parts[0]._fxclip_state.device
-        flags = [] if found_inf is None else [found_inf.reshape(1).to(device, torch.float32)]
-        values = torch.cat([p._fxclip_state.to(device) for p in self._parts] + flags).tolist()
-        width = len(STATE_FIELDS)
-        states = [dict(zip(STATE_FIELDS, values[i * width:(i + 1) * width]))
-                  for i in range(len(self._parts))]
+        states, flags = DeviceState.read_all([p.device_state for p in self._parts],
+                                             [] if found_inf is None else [found_inf])
         for part in self._parts:
             part.reset_state()
         merged = {k: max(s[k] for s in states) for k in states[0]}
-        merged["found_inf"] = values[-1] if found_inf is not None else 0.0
+        merged["found_inf"] = flags[0] if flags else 0.0
         # privatized blocks of one model all see the same samples: count them once
         self.last_batch_size = int(merged["samples"])
         self.last_micro_batches = int(merged["backwards"])
@@ -350,20 +325,18 @@ class DPOptimizer(torch.optim.Optimizer):
                    if p.grad_scaler is not None and p.grad_scaler.is_enabled()}
         refuse = None
         if found_inf is not None and not scalers:
-            refuse = UNKNOWN_SCALER
+            refuse = refusal("unknown-scaler")
         elif scalers and found_inf is None:
-            refuse = SCALER_NOT_STEPPING
+            refuse = refusal("scaler-not-stepping")
         elif state["bad_seed"] > 0:
-            refuse = BAD_REDUCTION.format(reduction=self._parts[0].loss_reduction)
+            refuse = refusal("bad-reduction", reduction=self._parts[0].loss_reduction)
         elif state["backwards"] == 0 and any(p.grad is not None for p in self._params):
-            refuse = NO_BACKWARD
+            refuse = refusal("no-backward")
         elif self._noise_bound is not None and self._noise_bound < _module_bound(self._parts) * (1 - 1e-12):
-            refuse = (f"the noise threshold max_grad_norm={self._noise_bound} is now below the "
-                      f"module's clipping bound {_module_bound(self._parts)}: the noise would not "
-                      "cover the sensitivity. Lower pm.max_grad_norm or raise the optimizer's.")
+            refuse = refusal("noise-below-clipping", noise=self._noise_bound, bound=_module_bound(self._parts))
         if refuse is not None:
             self._discard_grads()
-            raise PrivacyError(refuse)
+            raise refuse
         if scalers and (state["nonfinite"] > 0 or state["found_inf"] > 0):
             # fp16 overflow: skip the step as GradScaler does, and make its update() lower the scale
             for scaler in scalers.values():
@@ -373,7 +346,7 @@ class DPOptimizer(torch.optim.Optimizer):
         refusing = [p for p in self._parts if p.nonfinite == "refuse"]
         if state["nonfinite"] > 0 and refusing:
             self._discard_grads()
-            raise PrivacyError(refusing[0].nonfinite_message(state))
+            raise refusing[0].nonfinite_refusal(state)
         return True
 
     def _discard_grads(self) -> None:

@@ -16,6 +16,8 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from . import _compile
 from .passes import PrivacyError, _torch, ops
+from .passes.protocol import ClipSpec, DeviceState, ReportKey, new_owner
+from .passes.refusals import refusal
 
 LOSS_REDUCTIONS = ("mean", "sum")
 NONFINITE_POLICIES = ("refuse", "drop")
@@ -23,14 +25,6 @@ NONFINITE_POLICIES = ("refuse", "drop")
 # Non-tensor inputs taken as constants shared by every sample (flags, sizes, names).
 _CONSTANTS = (type(None), bool, int, float, complex, str, torch.dtype, torch.device, enum.Enum, slice,
               type(Ellipsis))
-
-DOUBLE_BACKWARD = (
-    "backward with create_graph=True (double backward: gradient penalties, MAML, Hessian-vector "
-    "products) through a privatized model is not supported: fxclip clips first-order per-sample "
-    "gradients only. Call loss.backward() without create_graph, or compute higher-order terms with "
-    "the plain model (fxclip.unprivatize(pm))."
-)
-
 
 class PrivatizedModule(nn.Module):
     """`model` with per-sample clipped gradients; shares the model's parameters and buffers."""
@@ -47,11 +41,12 @@ class PrivatizedModule(nn.Module):
         self._scaled = grad_scaler is not None and grad_scaler.is_enabled()
         self._group_of = _clipping_groups(model, clipping)
         self._labels = list(dict.fromkeys(self._group_of.values()))
-        self._table = _ParamTable([n for n, _ in model.named_parameters()], self._group_of, self._labels)
+        self._table = _ParamTable([n for n, _ in model.named_parameters()], self._group_of, self._labels,
+                                  loss_reduction == "mean", new_owner())
         device = _device_of(model)
         # Runtime values the graph reads and writes on the device (non-persistent: not in
         # state_dict). Tensors, not Python numbers, so that changing them never recompiles.
-        self.register_buffer("_fxclip_state", ops.new_state(device), persistent=False)
+        self.register_buffer("_fxclip_state", DeviceState.new_tensor(device), persistent=False)
         self.register_buffer("_fxclip_thresholds", torch.zeros(len(self._labels), dtype=torch.float64,
                                                                 device=device), persistent=False)
         self._limits = [0.0] * len(self._labels)  # host copy of the thresholds: no sync to read
@@ -101,27 +96,28 @@ class PrivatizedModule(nn.Module):
                        if p.requires_grad})
 
     # --- what the backward recorded (device state; reading it syncs, so the graph never does) ---
+    @property
+    def device_state(self) -> DeviceState:
+        """What the backwards record on the device (protocol.DeviceState)."""
+        return DeviceState(self._fxclip_state)
+
     def read_state(self) -> dict:
         """The device state as Python numbers (one host sync): counts since the last reset."""
-        return dict(zip(ops.STATE_FIELDS, self._fxclip_state.tolist()))
+        return self.device_state.read()
 
     def reset_state(self) -> None:
         """Zero the counts and flags (the optimizer does this after each step)."""
-        with torch.no_grad():
-            for name in ops.CUMULATIVE:
-                self._fxclip_state[ops.STATE[name]] = 0.0
+        self.device_state.reset()
 
     def _add_owner(self, count: int) -> None:
         """A DPOptimizer takes (+1) or gives up (-1) this module: while one owns it, the backward
         leaves the clipped sum for loss_reduction="mean" (a device write: no recompile)."""
-        with torch.no_grad():
-            self._fxclip_state[ops.STATE["owners"]] += count
+        self.device_state.add("owners", count)
 
     def set_valid_rows(self, rows: float) -> None:
         """Only the first `rows` rows of the coming batches are real samples; the others are
         padding and get weight exactly 0 (float("inf"): every row is real)."""
-        with torch.no_grad():
-            self._fxclip_state[ops.STATE["valid_rows"]] = float(rows)
+        self.device_state.set("valid_rows", rows)
 
     def check_step(self) -> dict:
         """Raise PrivacyError if a backward since the last check gave a sample an inf/NaN
@@ -131,15 +127,15 @@ class PrivatizedModule(nn.Module):
         state = self.read_state()
         self.reset_state()
         if state["bad_seed"] > 0:
-            raise PrivacyError(BAD_REDUCTION.format(reduction=self.loss_reduction))
+            raise refusal("bad-reduction", reduction=self.loss_reduction)
         if state["nonfinite"] > 0 and self.nonfinite == "refuse":
-            raise PrivacyError(self.nonfinite_message(state))
+            raise self.nonfinite_refusal(state)
         return state
 
-    def nonfinite_message(self, state: dict) -> str:
+    def nonfinite_refusal(self, state: dict) -> PrivacyError:
         norms = self.per_sample_norms
         rows = [] if norms is None else (~torch.isfinite(norms)).nonzero().flatten().tolist()
-        return NONFINITE.format(count=int(state["nonfinite"]), rows=rows)
+        return refusal("nonfinite", count=int(state["nonfinite"]), rows=rows)
 
     @property
     def per_sample_norms(self) -> torch.Tensor | None:
@@ -149,7 +145,7 @@ class PrivatizedModule(nn.Module):
         if state["backwards"] == 0 and state["batch_size"] == 0:
             return None
         rows = int(state["batch_size"])
-        store = ops.norm_store(self._fxclip_state, rows)
+        store = self.device_state.norms(rows)
         return None if store is None else store[:int(min(rows, state["valid_rows"]))].clone()
 
     @property
@@ -160,8 +156,8 @@ class PrivatizedModule(nn.Module):
         (e.g. the compiled graph came from Inductor's on-disk cache): use fxclip.explain."""
         if self._eager_report is not None:
             return self._eager_report
-        names = frozenset(n for n, p in self.module.named_parameters() if p.requires_grad)
-        return _compile.compiled_reports.get(names)
+        trainable = tuple(n for n, p in self.module.named_parameters() if p.requires_grad)
+        return _compile.compiled_reports.get(ReportKey(self._table.owner, trainable))
 
     def forward(self, *args, **kwargs):
         if not (torch.is_grad_enabled() and any(_trainable(self._current_params()))):
@@ -200,15 +196,14 @@ class PrivatizedModule(nn.Module):
         everything = self._current_params()
         trainable = _trainable(everything)  # guarded by each parameter's tensor guard
         params = [p for p, t in zip(everything, trainable) if t]
-        names, frozen, groups = _spec_strings(self._table, trainable)
-        spec = (self._fxclip_state, self._fxclip_thresholds, self._loss_scale(), names, frozen, groups,
-                self.loss_reduction == "mean", checked)
+        spec = _spec_args(self._table, trainable, checked)
+        runtime = (self._fxclip_state, self._fxclip_thresholds, self._loss_scale())
         args, kwargs, target = (_map_tensors(ops.BATCH_INPUT, t) for t in (args, kwargs, target))
         out = self.module(*args, **kwargs)
         if checked:  # the pass checks that these are per-sample losses (B,)
             out = self.loss_fn(out, target)
-        return _map_tensors(lambda y: ops.BATCH_OUTPUT(y, params, *spec) if y.is_floating_point() else y,
-                            out)
+        return _map_tensors(lambda y: ops.BATCH_OUTPUT(y, params, *runtime, *spec) if y.is_floating_point()
+                            else y, out)
 
     def _loss_scale(self) -> torch.Tensor:
         """S of the connected GradScaler, read on the device each step; else 1."""
@@ -219,14 +214,15 @@ class PrivatizedModule(nn.Module):
 
 class _ParamTable:
     """The model's parameter names and each one's clipping group index (an index into the
-    thresholds), fixed at privatize() like the groups. Traced code reads it only through the
-    constant-result functions below: Dynamo guards its identity, not every name in it."""
+    thresholds), with the rest of the spec fixed at privatize(). Traced code reads it only
+    through the constant-result functions below: Dynamo guards its identity, not every name in it."""
 
-    def __init__(self, names: list, group_of: dict, labels: list):
+    def __init__(self, names: list, group_of: dict, labels: list, mean: bool, owner: str):
         index = {g: i for i, g in enumerate(labels)}
         self.names = tuple(names)
         self.groups = tuple(index[group_of[n]] for n in self.names)
         self.paths = tuple(tuple(n.split(".")) for n in self.names)
+        self.mean, self.owner = mean, owner
 
 
 @_torch.assume_constant_result
@@ -243,12 +239,14 @@ def _parameter(module: nn.Module, path: tuple):
 
 
 @_torch.assume_constant_result
-def _spec_strings(table: _ParamTable, trainable: tuple) -> tuple:
-    """(trainable names, frozen names, trainable parameters' group indices) as batch_output
-    carries them. Computed once per compile: `trainable` is a constant of the traced graph."""
+def _spec_args(table: _ParamTable, trainable: tuple, checked_loss: bool) -> tuple:
+    """The ClipSpec as batch_output carries it. Computed once per compile: `trainable` is a
+    constant of the traced graph."""
     picked = [(n, g) for n, g, t in zip(table.names, table.groups, trainable) if t]
-    frozen = [n for n, t in zip(table.names, trainable) if not t]
-    return ("\n".join(n for n, _ in picked), "\n".join(frozen), ",".join(str(g) for _, g in picked))
+    return ClipSpec(names=tuple(n for n, _ in picked),
+                    frozen=tuple(n for n, t in zip(table.names, trainable) if not t),
+                    groups=tuple(g for _, g in picked), mean=table.mean, checked_loss=checked_loss,
+                    owner=table.owner).to_args()
 
 
 def _trainable(params) -> tuple:
@@ -320,11 +318,8 @@ def _check_batch_sizes(tensors) -> None:
     reads a padding mask as mask[arange(B), ...] with B from the ids), and the graph pass could
     not tell that the mask's rows are the samples'."""
     if any(t.shape[0] != tensors[0].shape[0] for t in tensors[1:]):
-        raise PrivacyError(
-            "the inputs' batch sizes disagree: " + ", ".join(f"input {i}: {t.shape[0]}" for i, t in enumerate(tensors))
-            + " (tensor inputs in flattened order). Every tensor input must hold one row per sample "
-            "in dim 0, all with the same number of samples; pass shared tensors (masks, tables) as "
-            "module buffers instead.")
+        raise refusal("inputs-batch-sizes-disagree",
+                      sizes=", ".join(f"input {i}: {t.shape[0]}" for i, t in enumerate(tensors)))
 
 
 def _check_inputs(args, kwargs) -> None:
@@ -335,46 +330,17 @@ def _check_inputs(args, kwargs) -> None:
     for i, leaf in enumerate(leaves):
         if isinstance(leaf, torch.Tensor):
             if leaf.dim() == 0:
-                raise PrivacyError(
-                    f"input {i} (in flattened order) is a 0-d tensor: every tensor input of a "
-                    "privatized model must hold one row per sample in dim 0. Pass a per-sample "
-                    "tensor of shape (B, ...), or keep shared values in the module (a buffer or "
-                    "attribute) or as a Python number.")
+                raise refusal("zero-dim-input", i=i)
             tensors.append(leaf)
         elif _is_packed(leaf):
-            raise PrivacyError(
-                f"input {i} (in flattened order) is a PackedSequence: it packs every sample's steps "
-                "into one tensor ordered by time, so it has no batch dim to clip per sample. Pass "
-                "the padded batch (B, T, ...) instead (with batch_first=True for nn.LSTM/GRU/RNN) "
-                "and mask or gather the padded steps, e.g. h[arange(B), lengths - 1].")
+            raise refusal("packed-sequence-input", i=i)
         elif not isinstance(leaf, _CONSTANTS):
-            raise PrivacyError(
-                f"input {i} (in flattened order) is a {type(leaf).__name__}, which fxclip cannot "
-                "split into samples. Pass torch.Tensors with the batch in dim 0, possibly nested in "
-                "tuples, lists and dicts (register other containers with "
-                "torch.utils._pytree.register_pytree_node); numpy arrays: torch.from_numpy(a).")
+            raise refusal("unsplittable-input", i=i, type=type(leaf).__name__)
     if not tensors:
-        raise PrivacyError(
-            "the privatized model got no tensor input, so there is no batch to clip per sample. "
-            "Pass the batch as torch.Tensors with the samples in dim 0.")
+        raise refusal("no-tensor-input")
     _check_batch_sizes(tensors)
 
 
-NONFINITE = (
-    "{count} sample(s) since the last step had a non-finite gradient (inf or NaN; rows {rows} of "
-    "the latest batch), so no clipped "
-    "gradient exists for them; the step was refused and no parameter changed. Find the cause "
-    "(e.g. log(0) in the loss, float16 overflow without a GradScaler connected to fxclip, a too "
-    "large learning rate), or pass nonfinite=\"drop\" to give such samples zero weight."
-)
-BAD_REDUCTION = (
-    "the gradient arriving at the per-sample losses was not the same for every sample as "
-    "losses.{reduction}() gives (loss_reduction={reduction!r}): the loss outside the privatized "
-    "module weighted or mixed the samples (or scaled the loss), which breaks the sensitivity bound "
-    "the noise relies on. The step was refused and no parameter changed. Reduce the per-sample "
-    "losses with exactly losses.{reduction}() (scale the learning rate, not the loss; for fp16 "
-    "connect the GradScaler with privatize(..., grad_scaler=scaler))."
-)
 class _NoDoubleBackward(torch.autograd.Function):
     """Identity on a model output whose backward refuses create_graph=True (eager path)."""
 
@@ -385,7 +351,7 @@ class _NoDoubleBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         if torch.is_grad_enabled():
-            raise PrivacyError(DOUBLE_BACKWARD)
+            raise refusal("double-backward")
         return grad
 
 
@@ -421,7 +387,7 @@ def privatize(model: nn.Module, *, max_grad_norm: float, loss_reduction: str = "
     if not isinstance(model, nn.Module):
         raise TypeError(f"privatize expects an nn.Module, got {type(model).__name__}")
     if isinstance(model, PrivatizedModule):
-        raise PrivacyError("this model is already privatized; pass the inner model (pm.module)")
+        raise refusal("already-privatized")
     _check_threshold(max_grad_norm)
     if loss_reduction not in LOSS_REDUCTIONS:
         raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
@@ -444,15 +410,9 @@ def _refuse_unsupported_modules(model: nn.Module) -> None:
         where = f"{type(module).__name__} at {path or '<root>'!r}"
         trainable = any(p.requires_grad for p in module.parameters(recurse=False))
         if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.max_norm is not None:
-            raise PrivacyError(
-                f"{where}: max_norm={module.max_norm} renormalizes rows of the weight in place "
-                "inside the forward, from the batch's ids: an update of the model that bypasses "
-                "clipping and noise. Use max_norm=None (renormalize in the optimizer step if you "
-                "need it).")
+            raise refusal("embedding-max-norm", where=where, max_norm=module.max_norm)
         if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.sparse and trainable:
-            raise PrivacyError(
-                f"{where}: sparse=True gives sparse gradients, which the joint graph cannot carry "
-                f"per sample. Use nn.{type(module).__name__}(..., sparse=False).")
+            raise refusal("sparse-embedding", where=where, type=type(module).__name__)
 
 
 def unprivatize(pm: nn.Module) -> nn.Module:

@@ -1,6 +1,8 @@
 """Graph passes over torch.fx joint graphs (installed as fxclip.passes).
 
-Knows aten ops and fx graphs only; it never imports the rest of fxclip.
+Knows aten ops and fx graphs only; it never imports the rest of fxclip. passes/README.md
+describes the layout: the pipeline of named stages (pipeline.py, stages/), the protocol with
+the module and optimizer (protocol.py), the rules and the batch-layout analysis.
 
 Only the errors, the markers (ops) and passes._torch load with the package: the pass itself
 (layout analysis, rules, rewrite) loads at first use, under the compile that runs it, so that
@@ -14,14 +16,15 @@ from .errors import PrivacyError
 
 # name -> submodule that defines it, imported at first access (module __getattr__, PEP 562)
 _LAZY = {"register_per_sample": "layout", "registered_layout_rules": "layout", "ParamRoute": "report",
-         "RewriteReport": "report", "rule_counters": "report", "rewrite_joint_graph": "rewrite",
+         "RewriteReport": "report", "rule_counters": "report", "rewrite_joint_graph": "pipeline",
          "registered_rules": "rules"}
 
 
 def __getattr__(name):
     if name in _LAZY:
         return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-    if name in ("layout", "rules", "rewrite", "report", "builder", "canonical", "mixing", "prune"):
+    if name in ("layout", "rules", "pipeline", "stages", "report", "builder", "canonical", "mixing", "prune",
+                "protocol", "context", "module_path"):
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

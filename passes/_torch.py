@@ -13,6 +13,9 @@ import warnings
 import torch
 from torch._guards import detect_fake_mode as _detect_fake_mode
 
+from .errors import DynamoPassthroughError, PrivacyError
+from .refusals import refusal
+
 # The releases the test suite passes on (.ci/run runs it on each); pyproject.toml's range.
 TESTED_TORCH = ("2.13", "2.14", "2.15")
 TESTED_RANGE = "torch>=2.13.0,<2.16"
@@ -69,16 +72,6 @@ def load_inductor_prims() -> None:
     import torch._inductor.lowering  # noqa: F401
 
 
-class DynamoPassthroughError(RuntimeError):
-    """Base for errors raised inside a compiler backend that must reach the user unwrapped.
-
-    Dynamo wraps backend exceptions in BackendCompilerFailed, except subclasses of its
-    ShortenTraceback, which it re-raises as they are. That class lives in torch._dynamo, which
-    `import fxclip` does not load: the pass's entry points re-raise through `passthrough`, which
-    gives the error a subclass that is also a ShortenTraceback.
-    """
-
-
 _PASSTHROUGH: dict = {}
 
 
@@ -96,7 +89,7 @@ def passthrough(e: DynamoPassthroughError) -> Exception:
 
         sub = _PASSTHROUGH[cls] = type(cls.__name__, (cls, ShortenTraceback), {
             "__module__": cls.__module__, "__qualname__": cls.__qualname__, "__init__": init,
-            "__reduce__": lambda self: (cls, self.args)})  # pickles as the plain class
+            "__reduce__": lambda self: (cls, self.args, {"id": getattr(self, "id", None)})})  # pickles as cls
     note, args = untested_torch_note(), e.args
     if note and args and isinstance(args[0], str) and note not in args[0]:
         args = (f"{args[0]} ({note})",) + args[1:]
@@ -227,26 +220,14 @@ def compile_with_backend(fn, backend):
     compiled = torch.compile(fn, backend=backend, fullgraph=True, dynamic=None)
 
     def call(*args, **kwargs):
-        from .errors import PrivacyError
-
         try:
             return compiled(*args, **kwargs)
         except (_dynamo_exc.Unsupported, _dynamo_exc.UserError) as e:
-            raise PrivacyError(tracing_failure_message(e)) from e
+            raise tracing_failure(e) from e
         except getattr(_dynamo_exc, "FailOnRecompileLimitHit", ()) as e:
-            raise PrivacyError(RECOMPILE_LIMIT.format(limit=_dynamo_config().recompile_limit)) from e
+            raise refusal("recompile-limit", limit=_dynamo_config().recompile_limit) from e
 
     return call
-
-
-RECOMPILE_LIMIT = (
-    "the privatized model was compiled for more input shapes than Dynamo's recompile limit "
-    "({limit}) allows, so it cannot run for this one. Usually an op fixed the batch size to a "
-    "number, so that every new Poisson batch size compiles a new graph (fxclip.explain(model, x) "
-    "shows the graph's ops; please report the model). Pad batches to a few sizes "
-    "(fxclip.make_private(..., pad_to_multiple=k) pads rows with weight 0), or raise "
-    "torch._dynamo.config.recompile_limit."
-)
 
 
 def _dynamo_config():
@@ -302,33 +283,19 @@ def _user_line(e) -> str:
     return f"{f.filename}:{f.lineno} in {f.name}" + (f": `{source}`" if source else "")
 
 
-def tracing_failure_message(e) -> str:
+def tracing_failure(e) -> PrivacyError:
     """What failed to trace, where, and what to change."""
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     where = _user_line(e)
-    at = f" at {where}" if where else ""
-    head = "fxclip could not trace the model as one graph, which per-sample clipping needs"
+    fields = {"head": "fxclip could not trace the model as one graph, which per-sample clipping needs",
+              "at": f" at {where}" if where else "", "first": first}
     if "requires_grad" in first and "setattr" in first:
-        return (f"{head}: the forward sets `requires_grad` on a tensor{at}. torch.compile cannot "
-                "trace that. Remove the assignment from the forward (fxclip's backward reaches "
-                "every trainable parameter without it). Hugging Face models set it only for "
-                "gradient checkpointing: T5 on its zero position bias while checkpointing is on "
-                "(train T5 without gradient checkpointing), wav2vec2-style feature encoders (set "
-                "`model.feature_extractor._requires_grad = False`; its parameters still train).")
+        return refusal("untraceable-requires-grad-set", **fields)
     if "requires_grad_()" in first:
-        return (f"{head}: the forward calls requires_grad_() on an intermediate tensor{at} ({first}). "
-                "Hugging Face's gradient_checkpointing_enable() (and PEFT) add such a hook to the "
-                "input embeddings, for reentrant checkpointing with frozen embeddings: call "
-                "`model.disable_input_require_grads()` after enabling checkpointing. fxclip traces "
-                "the checkpointed layers into its one graph and needs no such hook.")
+        return refusal("untraceable-requires-grad-hook", **fields)
     if isinstance(e, _dynamo_exc.UserError) or "data-dependent" in str(e):
-        return (f"{head}: control flow{at} depends on tensor values (a loop or branch over "
-                "data-dependent values, such as a Mixture-of-Experts loop `for expert_idx in "
-                "expert_hit`), so the graph's shape is not known at trace time. Compute every "
-                "branch for every sample and combine with masks or torch.where (e.g. run each "
-                "expert on all tokens and weight its output by the routing weights), or move the "
-                f"data-dependent part out of the privatized model. ({first})")
-    return (f"{head}: {first}{at}. Make the forward traceable by torch.compile(fullgraph=True).")
+        return refusal("untraceable-data-dependent", **fields)
+    return refusal("untraceable", **fields)
 
 
 def no_ddp_graph_split():

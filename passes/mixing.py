@@ -26,8 +26,9 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .errors import PrivacyError
 from .layout import MIXED, UNKNOWN
+from .module_path import module_of
+from .refusals import refusal
 
 aten = torch.ops.aten
 
@@ -85,24 +86,12 @@ def model_region(batch_inputs, model_outputs) -> set:
     return region
 
 
-def module_path(node: fx.Node) -> tuple[str, str]:
-    """(user's module path, module class name) of the node, "" where unknown."""
-    stack = node.meta.get("nn_module_stack")
-    if not stack:
-        return "", ""
-    path, cls = list(stack.values())[-1]
-    from .rewrite import _clean_module_path
-
-    name = cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
-    return _clean_module_path(path), name.rsplit(".", 1)[-1]
-
-
 def _op_name(node: fx.Node) -> str:
     return str(node.target).replace("aten.", "aten::", 1) if node.op == "call_function" else node.name
 
 
 def _where(node: fx.Node) -> str:
-    path, cls = module_path(node)
+    path, cls = module_of(node)
     if path or cls:
         return f" in module '{path or '<root>'}'" + (f" ({cls})" if cls else "")
     return " outside any submodule (the model's own forward or its loss_fn)" + _source_line(node)
@@ -131,48 +120,32 @@ def check_batch_independence(graph: fx.Graph, layouts: dict, model_nodes: set) -
         inputs = [layouts.get(a) for a in node.all_input_nodes]
         if any(i is MIXED or i is UNKNOWN for i in inputs):
             continue  # not the origin; the origin comes first in graph order
-        path, cls = module_path(node)
+        path, cls = module_of(node)
         if lay is MIXED:
             hint = NORM_HINT if "BatchNorm" in cls or "batch_norm" in str(node.target) else GENERIC_HINT
-            raise PrivacyError(
-                f"{_op_name(node)}{_where(node)} mixes samples: it combines values across the batch "
-                f"dimension, so one sample's data would reach other samples' gradients and "
-                f"per-sample clipping would not bound its influence. {hint}"
-            )
-        op = str(node.target).replace("aten.", "aten.", 1)
+            raise refusal("mixes-samples", op=_op_name(node), where=_where(node), hint=hint)
         if _is_fused_rnn(node):
-            raise PrivacyError(f"{_op_name(node)}{_where(node)}: " + FUSED_RNN_HINT)
+            raise refusal("fused-rnn", op=_op_name(node), where=_where(node), hint=FUSED_RNN_HINT)
         if node.target == aten._embedding_bag.default:
-            raise PrivacyError(f"{_op_name(node)}{_where(node)}: " + EMBEDDING_BAG_HINT)
-        raise PrivacyError(
-            f"{_op_name(node)}{_where(node)}: fxclip cannot prove that this op keeps samples "
-            f"independent (batch layout unknown). " + UNKNOWN_HINT.format(op=op)
-        )
+            raise refusal("embedding-bag-layout", op=_op_name(node), where=_where(node), hint=EMBEDDING_BAG_HINT)
+        raise refusal("unknown-batch-layout", op=_op_name(node), where=_where(node),
+                      hint=UNKNOWN_HINT.format(op=node.target))
 
 
 def check_no_batch_state(graph: fx.Graph, layouts: dict, param_nodes: list, names: list) -> None:
     """Refuse parameters modified in place in the forward and buffers written from the batch."""
     for node, name in zip(param_nodes, names):
         if node.op != "placeholder":
-            raise PrivacyError(
-                f"parameter '{name}' is modified in place inside the privatized model's forward "
-                "(e.g. `with torch.no_grad(): self.weight.mul_(...)`). Such updates bypass "
-                "clipping and noise. Change parameters only outside the forward (in the optimizer "
-                "step), or compute a new tensor from the parameter instead "
-                "(torch.nn.utils.parametrize)."
-            )
+            raise refusal("parameter-modified-in-forward", name=name)
     for node in graph.nodes:
         if node.op != "call_function" or node.target != aten.copy_.default:
             continue
         dst, src = node.args[:2]
         if dst.op == "placeholder" and src in layouts:
-            path, cls = module_path(src)
+            path, cls = module_of(src)
             module = f"module {path or '<root>'!r} ({cls})"
             what = (f"{module} updates its running statistics (running_mean, running_var: "
                     "track_running_stats=True) from the batch" if "Norm" in cls else
                     f"{module} writes one of its buffers from the batch" if cls else
                     "a buffer is written from the batch")
-            raise PrivacyError(
-                f"{what}: a buffer written inside the forward from the batch's values would carry "
-                "statistics of the samples out of the step without clipping or noise. Keep such modules in eval mode, build them with "
-                "track_running_stats=False, or update the buffer outside the model.")
+            raise refusal("buffer-written-from-batch", what=what)

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch.fx
 
+from .protocol import ReportKey
+
 # How often each rule fired, process-wide: tests assert a rule fired, not only that numbers match.
 rule_counters: Counter = Counter()
 
@@ -21,6 +23,8 @@ class ParamRoute:
     extra_flops: int  # estimated FLOPs added for its norm and reweighting
     extra_bytes: int  # estimated extra memory held for its norm
     uses: int = 1  # number of gradient contributions (tied / shared parameters: > 1)
+    # (rule, why it declined) for each rule tried before `rule` that applies to its op, in order
+    declines: list[tuple[str, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -35,6 +39,7 @@ class RewriteReport:
     # the per-sample losses were traced with the model (privatize(loss_fn=...)): a mixing loss
     # was refused and the reduction after it is checked; else the loss outside is unchecked
     loss_checked: bool = False
+    key: ReportKey | None = None  # which compiled graphs this report describes
 
     def param_names(self) -> frozenset:
         """The trainable parameters of the rewritten model (used in the forward or not)."""

@@ -10,9 +10,7 @@ import torch.nn as nn
 import fxclip
 from fxclip.passes import rule_counters
 from fxclip.passes.layout import registered_layout_rules
-from test_breadth_models import check_against_loop
-from test_ops_rules import run_check
-from test_safety_refusals import Wrap
+from helpers import Wrap, check_against_loop, run_check
 
 D = torch.float64
 

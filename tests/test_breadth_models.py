@@ -3,17 +3,13 @@ per-step states, recurrent layers (frozen or trainable), an empty batch ending i
 Tracing failures and refusals name the user's line or module and what to change."""
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.nn as nn
 
 import fxclip
 from fxclip.passes import rule_counters
-from test_ops_rules import mse, run_check
-
-D = torch.float64
+from helpers import LAST, D, check_against_loop, run_check
 
 
 # --- 4. per-step states stacked time-first ---
@@ -63,20 +59,6 @@ def test_cat_along_the_batch_with_a_shared_row_is_still_refused():
 
 # --- 6. recurrent layers: frozen next to trainable layers, and trainable, untouched ---
 
-def loop_reference(model, inputs, targets, C):
-    """Per-sample gradients by one backward per sample (torch.func cannot vmap nn.LSTM or a
-    bool-mask index_put), then fxclip's contract: (1/B) sum_i R_i grad_i and the norms."""
-    grads = []
-    for i in range(targets.shape[0]):
-        m = copy.deepcopy(model)
-        mse(m(*(t[i:i + 1] for t in inputs)), targets[i:i + 1]).backward()
-        grads.append({n: p.grad for n, p in m.named_parameters() if p.requires_grad})
-    norms = torch.stack([sum(g.square().sum() for g in gi.values()).sqrt() for gi in grads])
-    factor = (C / (norms + 1e-6)).clamp(max=1.0)
-    expected = {n: sum(f * gi[n] for f, gi in zip(factor, grads)) / len(grads) for n in grads[0]}
-    return expected, norms
-
-
 class Recurrent(nn.Module):
     def __init__(self, kind, trainable):
         super().__init__()
@@ -87,27 +69,6 @@ class Recurrent(nn.Module):
         return self.head(self.rnn(x)[0])
 
 
-def check_against_loop(model, inputs, compiled=False, C=0.5):
-    """run_check's exactness test with the loop reference; returns {parameter: rule}."""
-    model = model.to(D)
-    reference_model = copy.deepcopy(model)
-    pm = fxclip.privatize(model, max_grad_norm=C)
-    out = (torch.compile(pm) if compiled else pm)(*inputs)
-    targets = torch.randn_like(out)
-    mse(out, targets).backward()
-    expected, norms = loop_reference(reference_model, inputs, targets, C)
-    assert (C / norms).min() < 1
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            assert (p.grad - expected[n]).abs().max() < 1e-9 * expected[n].abs().max(), n
-    assert torch.allclose(pm.per_sample_norms.to(D), norms, rtol=1e-8)
-    _LAST["report"] = pm.last_report
-    return {r.name: r.rule for r in pm.last_report.params}
-
-
-_LAST = {}
-
-
 @pytest.mark.parametrize("kind,trainable,compiled", [
     (nn.LSTM, False, False), (nn.LSTM, True, False), (nn.GRU, True, False), (nn.RNN, True, False),
     pytest.param(nn.GRU, True, True, marks=pytest.mark.slow)])
@@ -115,7 +76,7 @@ def test_recurrent_layers_are_clipped_exactly(kind, trainable, compiled):
     routes = check_against_loop(Recurrent(kind, trainable), (torch.randn(4, 3, 4, dtype=D),), compiled)
     if trainable:
         assert routes["rnn.weight_ih_l0"] == "linear" and routes["rnn.weight_hh_l0"] == "linear"
-        hidden = _LAST["report"].route("rnn.weight_hh_l0")  # one use per step, h0 = 0 included
+        hidden = LAST["report"].route("rnn.weight_hh_l0")  # one use per step, h0 = 0 included
         assert hidden.uses == 3 and hidden.shapes["uses"] == "3 stacked: one Gram over 3 rows"
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 import fxclip
-from test_ops_rules import D, run_steps
+from helpers import D, run_steps
 
 # more distinct sizes than Dynamo's recompile limit (8): a graph per size would be refused
 SIZES = tuple(range(2, 12))

@@ -6,11 +6,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxclip
+from helpers import sq_loss
 from reference import per_sample_reference
-
-
-def sq_loss(out, y):
-    return (out - y).square().sum()
 
 
 class SeqModel(nn.Module):

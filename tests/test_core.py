@@ -8,28 +8,8 @@ from torch import nn
 
 import fxclip
 from fxclip.passes import rule_counters
+from helpers import batch_loss, check_step, sq_loss
 from reference import per_sample_reference
-
-
-def sq_loss(out, y):
-    return (out - y).square().sum()
-
-
-def batch_loss(out, y, reduction):
-    per_sample = (out - y).square().reshape(out.shape[0], -1).sum(1)
-    return per_sample.mean() if reduction == "mean" else per_sample.sum()
-
-
-def check_step(model, pm, x, y, C, reduction, atol=1e-10):
-    expected, norms = per_sample_reference(model, (x,), y, sq_loss, C, reduction)
-    batch_loss(pm(x), y, reduction).backward()
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            torch.testing.assert_close(p.grad, expected[name], atol=atol, rtol=1e-7, msg=name)
-        else:
-            assert p.grad is None, name
-    torch.testing.assert_close(pm.per_sample_norms, norms, atol=atol, rtol=1e-7)
-    return pm.last_report
 
 
 class Scaled(nn.Module):

@@ -8,7 +8,7 @@ import fxclip
 from fxclip.passes import rule_counters
 from fxclip.passes.rules import cost
 
-from test_core import check_step
+from helpers import check_step
 
 
 def test_instantiation_is_priced_as_a_replacement_of_the_weight_gradient():

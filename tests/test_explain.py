@@ -290,9 +290,9 @@ def test_cli_errors_exit_2(factory_dir, monkeypatch, capsys):
 
 def test_cli_in_process_forced_fallback(monkeypatch, factory_dir, capsys):
     """With every rule but the fallback removed, --fail-on-fallback must fail on a plain MLP."""
-    from fxclip.passes import rewrite
+    from fxclip.passes.stages import routing
 
-    monkeypatch.setattr(rewrite, "RULES", [r for r in rewrite.RULES if r[0] == "fallback"])
+    monkeypatch.setattr(routing, "RULES", tuple(r for r in routing.RULES if r[0] == "fallback"))
     monkeypatch.syspath_prepend(str(factory_dir))
     assert cli.main(["inspect", "explain_factories:mlp", "--input-shape", "3,6", "--fail-on-fallback"]) == 1
     out = capsys.readouterr()

@@ -8,17 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxclip
+from helpers import mlp, mlp_data, sq_loss
 from reference import per_sample_reference
-
-
-def _mlp(out=4):
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, out)).double()
-
-
-def _xy(b=6, classes=4):
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(b, 6, dtype=torch.float64, generator=g), torch.randint(0, classes, (b,), generator=g)
 
 
 def _per_sample_ce(out, y):
@@ -38,9 +29,9 @@ def batch_centered(out, y):
 @pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("loss,op", [(contrastive, "aten::mm"), (batch_centered, "aten::mean")])
 def test_a_loss_that_mixes_samples_is_refused_naming_op_and_line(loss, op, compiled):
-    model = _mlp()
+    model = mlp(4)
     pm = fxclip.privatize(model, max_grad_norm=0.5, loss_fn=loss)
-    x, y = _xy()
+    x, y = mlp_data(6, classes=4)
     with pytest.raises(fxclip.PrivacyError, match=rf"{op}.*loss_fn.*test_loss_fn.py, line \d+"):
         (torch.compile(pm) if compiled else pm)(x, target=y).sum().backward()
     assert all(p.grad is None for p in model.parameters())
@@ -86,12 +77,12 @@ def _cases():
     labels = ids.clone()
     labels[1, 4:] = -100
     labels[3, :2] = -100
-    x, y = _xy(5)
+    x, y = mlp_data(5, classes=4)
     return {
-        "cross_entropy": (_mlp, x, y, _per_sample_ce),
+        "cross_entropy": (lambda: mlp(4), x, y, _per_sample_ce),
         "token_lm_ignore_index": (_lm, ids, labels, _token_mean),
-        "label_smoothing": (_mlp, x, y, _smooth),
-        "regression": (lambda: _mlp(3), x, torch.randn(5, 3, dtype=torch.float64), _regression),
+        "label_smoothing": (lambda: mlp(4), x, y, _smooth),
+        "regression": (lambda: mlp(3), x, torch.randn(5, 3, dtype=torch.float64), _regression),
     }
 
 
@@ -148,13 +139,13 @@ def test_accepted_losses_keep_the_sensitivity_bound(case):
 @pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("reduce", ["weighted_by_batch", "scaled", "mean_declared_sum"])
 def test_a_reduction_other_than_the_declared_sum_or_mean_is_refused_at_the_step(reduce, compiled):
-    model = _mlp()
+    model = mlp(4)
     before = copy.deepcopy(model.state_dict())
     reduction = "sum" if reduce == "mean_declared_sum" else "mean"
     pm = fxclip.privatize(model, max_grad_norm=0.5, loss_reduction=reduction, loss_fn=_per_sample_ce)
     opt = fxclip.DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), pm, noise_multiplier=0.0,
                              expected_batch_size=6)
-    x, y = _xy()
+    x, y = mlp_data(6, classes=4)
     losses = (torch.compile(pm) if compiled else pm)(x, target=y)
     if reduce == "weighted_by_batch":  # each weight depends on the other samples
         (losses * torch.softmax(losses.detach(), 0)).sum().backward()
@@ -170,9 +161,9 @@ def test_a_reduction_other_than_the_declared_sum_or_mean_is_refused_at_the_step(
 # --- without loss_fn: unchecked, and said so -----------------------------------------------------
 
 def test_without_loss_fn_the_loss_is_unchecked_and_a_warning_says_so():
-    model = _mlp()
+    model = mlp(4)
     pm = fxclip.privatize(model, max_grad_norm=0.5)
-    x, y = _xy()
+    x, y = mlp_data(6, classes=4)
     with pytest.warns(UserWarning, match="computed outside it.*loss_fn"):
         F.cross_entropy(pm(x), y).backward()
     with warnings.catch_warnings():
@@ -185,8 +176,8 @@ def test_without_loss_fn_the_loss_is_unchecked_and_a_warning_says_so():
 def test_make_private_takes_loss_fn():
     from torch.utils.data import DataLoader, TensorDataset
 
-    model = _mlp()
-    x, y = _xy(20)
+    model = mlp(4)
+    x, y = mlp_data(20, classes=4)
     pm, opt, loader = fxclip.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1),
                                           DataLoader(TensorDataset(x, y), batch_size=5),
                                           noise_multiplier=1.0, max_grad_norm=0.5, loss_fn=_per_sample_ce)
@@ -198,8 +189,8 @@ def test_make_private_takes_loss_fn():
 
 
 def test_loss_fn_must_return_per_sample_losses():
-    pm = fxclip.privatize(_mlp(), max_grad_norm=0.5, loss_fn=lambda o, t: F.cross_entropy(o, t))
-    x, y = _xy()
+    pm = fxclip.privatize(mlp(4), max_grad_norm=0.5, loss_fn=lambda o, t: F.cross_entropy(o, t))
+    x, y = mlp_data(6, classes=4)
     with pytest.raises(fxclip.PrivacyError, match=r"shape \(B,\)"):
         pm(x, target=y)
 
@@ -240,18 +231,15 @@ def test_inputs_in_any_layout_give_the_same_clipped_gradients(compiled):
     run = torch.compile(pm) if compiled else pm
     y = torch.randn(4, 2, dtype=torch.float64)
 
-    def loss(out, t):
-        return (out - t).square().sum()
-
     for name, (seq, img) in _layouts().items():
         model.zero_grad()
-        loss(run(seq, img), y).backward()
+        sq_loss(run(seq, img), y).backward()
         ref, _ = per_sample_reference(model, (seq.detach().contiguous(), img.detach().contiguous()), y,
-                                      loss, 0.05, "sum")
+                                      sq_loss, 0.05, "sum")
         for n, p in model.named_parameters():
             torch.testing.assert_close(p.grad, ref[n], rtol=1e-9, atol=1e-12, msg=f"{name}: {n}")
         if name == "requires_grad":  # input gradients are the plain ones (data, not parameters)
             s, i = seq.detach().clone().requires_grad_(), img.detach().clone().requires_grad_()
-            want = torch.autograd.grad(loss(model(s, i), y), [s, i])
+            want = torch.autograd.grad(sq_loss(model(s, i), y), [s, i])
             torch.testing.assert_close(seq.grad, want[0])
             torch.testing.assert_close(img.grad, want[1])

@@ -8,7 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxclip
-from test_ops_rules import D, ConvNet, TextNet, Twice, _tokens, run_check, run_steps
+from helpers import D, run_check, run_steps
+from test_ops_rules import ConvNet, TextNet, Twice, _tokens
 
 
 class TextCNN(nn.Module):

@@ -11,65 +11,12 @@ import fxclip
 import fxclip.passes.rules.conv as conv_rule
 import fxclip.passes.rules.embedding as emb_rule
 from fxclip.passes import rule_counters
-from reference import per_sample_reference
-
-D = torch.float64
-
-
-def mse(o, t):
-    return ((o - t) ** 2).sum(tuple(range(1, o.dim()))).mean()
-
-
-def run_check(model, inputs, targets=None, loss_fn=mse, C=0.5, reduction="mean", compiled=False,
-              dtype=D, tol=1e-9):
-    """Privatize, step once, compare with the torch.func reference; returns the report rows."""
-    model = model.to(dtype)
-    pm = fxclip.privatize(model, max_grad_norm=C, loss_reduction=reduction)
-    run = torch.compile(pm) if compiled else pm
-    _step_matches_reference(model, pm, run, inputs, targets, loss_fn, C, reduction, tol)
-    return {r.name: r for r in pm.last_report.params}
-
-
-def run_steps(model, make_inputs, sizes=(4, 3, 5), compiled=False, C=0.5, tol=1e-9):
-    """A run of one privatized model: a batch of each size in turn (a static graph, then one
-    dynamic graph for the others), every step against the torch.func reference; returns the
-    report rows of the last step."""
-    model = model.to(D)
-    pm = fxclip.privatize(model, max_grad_norm=C)
-    run = torch.compile(pm) if compiled else pm
-    for b in sizes:
-        model.zero_grad(set_to_none=True)
-        _step_matches_reference(model, pm, run, make_inputs(b), None, mse, C, "mean", tol)
-    assert not pm.last_report.batch_size.isdigit(), pm.last_report.batch_size  # one dynamic graph
-    return {r.name: r for r in pm.last_report.params}
-
-
-def _step_matches_reference(model, pm, run, inputs, targets, loss_fn, C, reduction, tol):
-    out = run(*inputs)
-    if targets is None:
-        targets = torch.randn_like(out)
-    loss = loss_fn(out, targets) if reduction == "mean" else loss_fn(out, targets) * out.shape[0]
-    loss.backward()
-    lf = loss_fn if reduction == "mean" else (lambda o, t: loss_fn(o, t) * o.shape[0])
-    ref, norms = per_sample_reference(model, inputs, targets, lf, C, reduction)
-    assert (C / norms).min() < 1, "test should clip some samples"
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            scale = ref[n].abs().max().clamp(min=1e-12)
-            grad = p.grad if p.grad is not None else torch.zeros_like(p)  # unused in forward
-            err = ((grad - ref[n]).abs().max() / scale).item()
-            assert err < tol, (len(targets), n, err)
-    got = pm.per_sample_norms
-    assert torch.allclose(got.to(norms.dtype), norms, rtol=tol * 10, atol=1e-12)
-    _LAST["report"] = pm.last_report
-
-
-_LAST = {}
+from helpers import LAST, D, run_check
 
 
 def _last_graph():
     """The rewritten joint graph of the latest run_check."""
-    return _LAST["report"].graph
+    return LAST["report"].graph
 
 
 def fired(rule):

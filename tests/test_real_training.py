@@ -13,24 +13,11 @@ import fxclip
 from fxclip import accounting
 from fxclip.passes import ops, rewrite_joint_graph
 from fxclip.passes.report import rule_counters
+from helpers import assert_grads as _assert_grads
+from helpers import mlp as _mlp, mlp_data as _data  # test_step_overhead imports these two from here
 from reference import per_sample_reference
 
 aten = torch.ops.aten
-
-
-def _mlp():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
-
-
-def _data(b=5, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(b, 6, dtype=torch.float64, generator=g), torch.randint(0, 3, (b,), generator=g)
-
-
-def _assert_grads(model, ref):
-    for n, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, ref[n], rtol=1e-9, atol=1e-12, msg=n)
 
 
 # --- 1, 2: no host sync, no Python-only effect; norms written in-graph ---------------------------

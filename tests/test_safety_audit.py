@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 import fxclip
+from helpers import sq_loss
 from reference import per_sample_reference
 
 C = 0.5
@@ -73,10 +74,6 @@ def _inputs(name, B):
 
 
 MODELS = {"mlp": MLP, "conv_gn": ConvGN, "emb_attn": EmbAttn, "tied_lm": TiedLM, "bilinear": BilinearNet}
-
-
-def sq_loss(out, y):
-    return (out - y).square().sum()
 
 
 def _clipped_sum(model, pm, x, y):

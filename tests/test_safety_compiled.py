@@ -12,8 +12,9 @@ from torch import nn
 
 import fxclip
 from fxclip.passes import rules
+from helpers import Wrap, sq_loss
 from reference import per_sample_reference
-from test_safety_refusals import MutatesParam, Scalar, TwoInputs, Wrap
+from test_safety_refusals import MutatesParam, Scalar, TwoInputs
 
 
 def test_compiled_mixing_is_refused():
@@ -155,7 +156,7 @@ def test_plain_and_private_copies_in_one_process():
     x, y = torch.randn(5, 3, dtype=torch.float64) * 10, torch.randn(5, 2, dtype=torch.float64)
     for m in (fxclip.privatize(private_model, max_grad_norm=0.1), plain_model):  # eager private
         (m(x) - y).square().sum(1).mean().backward()
-    expected, _ = per_sample_reference(model, (x,), y, lambda o, t: (o - t).square().sum(), 0.1)
+    expected, _ = per_sample_reference(model, (x,), y, sq_loss, 0.1)
     plain = torch.func.grad(lambda ps: (torch.func.functional_call(model, ps, (x,)) - y)
                             .square().sum(1).mean())(dict(model.named_parameters()))
     for (n, p), q in zip(private_model.named_parameters(), plain_model.parameters()):

@@ -7,19 +7,20 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxclip
+from helpers import Lambda
 
 D = 4
 PER_SAMPLE = {
     "linear": lambda: nn.Linear(D, D),
     "tanh": lambda: nn.Tanh(),
     "layernorm": lambda: nn.LayerNorm(D),
-    "softmax": lambda: Op(lambda h: h.softmax(-1)),
-    "cumsum": lambda: Op(lambda h: h.cumsum(-1)),
-    "sort": lambda: Op(lambda h: h.sort(-1).values),
-    "flip": lambda: Op(lambda h: h.flip(-1)),
-    "cat": lambda: Op(lambda h: torch.cat([h, 2 * h], -1)[:, :D]),
+    "softmax": lambda: Lambda(lambda h: h.softmax(-1)),
+    "cumsum": lambda: Lambda(lambda h: h.cumsum(-1)),
+    "sort": lambda: Lambda(lambda h: h.sort(-1).values),
+    "flip": lambda: Lambda(lambda h: h.flip(-1)),
+    "cat": lambda: Lambda(lambda h: torch.cat([h, 2 * h], -1)[:, :D]),
     "gelu": lambda: nn.GELU(),
-    "scale": lambda: Op(lambda h: h * torch.arange(D, dtype=h.dtype)),
+    "scale": lambda: Lambda(lambda h: h * torch.arange(D, dtype=h.dtype)),
 }
 MIXING = {
     "mean0": lambda h: h - h.mean(0, keepdim=True),
@@ -35,19 +36,10 @@ MIXING = {
 }
 
 
-class Op(nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, h):
-        return self.fn(h)
-
-
 def build(blocks, mixer=None, at=0):
     layers = [nn.Linear(3, D)] + [PER_SAMPLE[b]() for b in blocks]
     if mixer is not None:
-        layers.insert(1 + at, nn.BatchNorm1d(D) if mixer == "batchnorm" else Op(MIXING[mixer]))
+        layers.insert(1 + at, nn.BatchNorm1d(D) if mixer == "batchnorm" else Lambda(MIXING[mixer]))
     return nn.Sequential(*layers, nn.Linear(D, 2))
 
 

@@ -7,29 +7,8 @@ import torch
 from torch import nn
 
 import fxclip
+from helpers import Wrap, sq_loss
 from reference import per_sample_reference
-
-
-class Wrap(nn.Module):
-    """Linear, then `fn(h)`, then Linear: a mixing op inside a model with a module path."""
-
-    def __init__(self, fn, d=4):
-        super().__init__()
-        self.a = nn.Linear(3, d)
-        self.inner = Lambda(fn)
-        self.b = nn.Linear(d, 2)
-
-    def forward(self, x):
-        return self.b(self.inner(self.a(x)))
-
-
-class Lambda(nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, x):
-        return self.fn(x)
 
 
 MIXERS = {
@@ -81,7 +60,7 @@ def test_batchnorm_in_eval_mode_is_exact():
     pm = fxclip.privatize(model, max_grad_norm=0.3)
     x, y = torch.randn(6, 3, dtype=torch.float64) * 3, torch.randn(6, 2, dtype=torch.float64)
     (pm(x) - y).square().sum(1).mean().backward()
-    expected, _ = per_sample_reference(model, (x,), y, lambda o, t: (o - t).square().sum(), 0.3)
+    expected, _ = per_sample_reference(model, (x,), y, sq_loss, 0.3)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, expected[n], atol=1e-10, rtol=1e-7)
 
@@ -117,7 +96,7 @@ def test_per_sample_ops_over_other_dims_pass():
         pm = fxclip.privatize(model, max_grad_norm=0.2)
         x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
         (pm(x) - y).square().sum(1).mean().backward()
-        expected, _ = per_sample_reference(model, (x,), y, lambda o, t: (o - t).square().sum(), 0.2)
+        expected, _ = per_sample_reference(model, (x,), y, sq_loss, 0.2)
         for n, p in model.named_parameters():
             torch.testing.assert_close(p.grad, expected[n], atol=1e-10, rtol=1e-7)
 
@@ -287,17 +266,14 @@ def test_nonfinite_drop_gives_the_clipped_sum_of_the_other_samples(kind, bad, co
     x, y = make_x(), torch.randn(5, 2, dtype=torch.float64)
     y[1] = bad  # sample 1's loss, and so its gradient, is inf/NaN
 
-    def loss(out, t):
-        return (out - t).square().sum()
-
     pm = fxclip.privatize(model, max_grad_norm=0.5, loss_reduction="sum", nonfinite="drop")
-    loss((torch.compile(pm) if compiled else pm)(x), y).backward()
+    sq_loss((torch.compile(pm) if compiled else pm)(x), y).backward()
     got = {n: p.grad.clone() for n, p in model.named_parameters()}
     assert not torch.isfinite(pm.per_sample_norms[1])
     assert torch.isfinite(pm.per_sample_norms[[0, 2, 3, 4]]).all()
 
     keep = [0, 2, 3, 4]
-    ref, _ = per_sample_reference(model, (x[keep],), y[keep], loss, 0.5, "sum")
+    ref, _ = per_sample_reference(model, (x[keep],), y[keep], sq_loss, 0.5, "sum")
     for n, g in got.items():
         torch.testing.assert_close(g, ref[n], rtol=1e-9, atol=1e-12, msg=n)
 

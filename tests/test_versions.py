@@ -78,12 +78,12 @@ def test_the_pass_still_gives_exact_gradients_on_an_untested_torch(monkeypatch):
 def test_an_internal_error_of_the_pass_names_an_untested_version(monkeypatch, version):
     if version:
         monkeypatch.setattr(torch, "__version__", version)
-    import fxclip.passes.rewrite as rewrite
+    import fxclip.passes.pipeline as pipeline
 
     def broken(graph):
         raise KeyError("an internal that moved")
 
-    monkeypatch.setattr(rewrite, "rewrite_joint_graph", broken)
+    monkeypatch.setattr(pipeline, "rewrite_joint_graph", broken)
     pm = fxclip.privatize(nn.Linear(3, 2), max_grad_norm=1.0)
     with pytest.raises(Exception, match="an internal that moved") as info:
         pm(torch.randn(4, 3)).sum().backward()
@@ -99,7 +99,7 @@ def test_a_privacy_error_crossing_dynamo_keeps_its_class_and_pickles():
 
 
 def test_import_fxclip_is_light():
-    heavy = ["scipy", "dp_accounting", "transformers", "fxclip.audit", "fxclip.accounting", "fxclip.passes.rewrite",
+    heavy = ["scipy", "dp_accounting", "transformers", "fxclip.audit", "fxclip.accounting", "fxclip.passes.pipeline",
              "torch._inductor.lowering", "torch._dynamo", "torch._inductor"]
     loaded = _run(f"import sys, fxclip; print([m for m in {heavy!r} if m in sys.modules])").stdout.strip()
     assert loaded == "[]", f"import fxclip loaded {loaded}"

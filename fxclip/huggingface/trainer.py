@@ -33,7 +33,7 @@ from transformers.utils import is_datasets_available
 
 from ..accounting import epsilon_for, noise_multiplier_for
 from ..optim import DPOptimizer
-from ..passes import PrivacyError
+from ..passes.refusals import refusal
 from ..privatize import PrivatizedModule, privatize
 from ..sampling import _EmptyAwareCollate, _rows
 from . import losses as L
@@ -233,9 +233,7 @@ class DPTrainer(Trainer):
         loss.backward()
         state = pm.read_state()  # one host sync, as the Trainer's own nan check of the loss does
         if state["backwards"] != before + 1 or state["batch_size"] != rows:
-            raise PrivacyError("the training loss did not go through the privatized model, so its gradients "
-                               "are not clipped per sample. If you override compute_loss, call "
-                               "super().compute_loss (it runs the privatized model).")
+            raise refusal("loss-bypassed-model")
         # logged loss: the logical batch's summed sample losses over the expected batch size
         return loss.detach() * (rows / self._dp_optimizer.expected_batch_size)
 
@@ -263,13 +261,11 @@ class DPTrainer(Trainer):
         if checkpoint is None:
             return
         if self._dp_optimizer.accountant.steps != self.state.global_step:
-            raise PrivacyError(
-                f"the checkpoint {checkpoint} holds {self._dp_optimizer.accountant.steps} accounted steps "
-                f"but {self.state.global_step} trained ones: resuming would under-report epsilon. Resume "
-                "from a checkpoint that DPTrainer wrote with save_only_model=False.")
+            raise refusal("checkpoint-steps", checkpoint=checkpoint, accounted=self._dp_optimizer.accountant.steps,
+                          trained=self.state.global_step)
         path = os.path.join(checkpoint, SAMPLER_STATE)
         if not os.path.isfile(path):
-            raise PrivacyError(f"{path} is missing: the checkpoint was not written by DPTrainer")
+            raise refusal("checkpoint-not-dp", path=path)
         mid_epoch = self.state.global_step % self._sampler.batches_per_epoch != 0 and not self.args.ignore_data_skip
         self._sampler.load_state_dict(torch.load(path, weights_only=True), mid_epoch=mid_epoch)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _along, _arg, _as_list, _register, aten
+from .base import _along, _arg, _as_list, _register, aten
 
 _register(_along(lambda n, nd: [_arg(n, 1, "dim", -1)]),
           aten.cumsum.default, aten.cumprod.default, aten.logcumsumexp.default,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from . import (MIXED, NO_BATCH, Outputs, _along, _one, _op, _register, _shape, _shared_dim0, fits)
+from .base import MIXED, NO_BATCH, Outputs, _along, _one, _op, _register, _shape, _shared_dim0, fits
 
 _register(_along(lambda n, nd: range(nd - 2, nd)), *[
     _op(name) for name in ("_scaled_dot_product_flash_attention_for_cpu",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from . import MIXED, NO_BATCH, Layout, Outputs, _arg, _shape, aten, fits, known_equal, layout_rule
+from .base import MIXED, NO_BATCH, Layout, Outputs, _arg, _shape, aten, fits, known_equal, layout_rule
 
 
 def _bag_offsets(offsets, per_bag, B, include_last) -> bool:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from . import (MIXED, Layout, _arg, _dim, _one, _shape, aten, fits, known_equal, layout_rule,
-               same_shape)
+from ..viewops import CASTS
+from .base import MIXED, Layout, _arg, _dim, _one, _shape, aten, fits, known_equal, layout_rule, same_shape
 
 
 @layout_rule(aten.index_select.default)
@@ -47,8 +47,7 @@ def _embedding_dense_backward(node, layouts, B):
     return MIXED  # a (num_weights, dim) table gradient summed over every sample's tokens
 
 
-_SAME_VALUES = (aten.expand.default, aten.clone.default, aten._to_copy.default,
-                torch.ops.prims.convert_element_type.default)
+_SAME_VALUES = CASTS | {aten.clone.default, aten.expand.default}  # arange(B) keeps its values
 
 
 def _batch_arange_axis(node, B):

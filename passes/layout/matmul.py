@@ -2,7 +2,7 @@
 stays in the output's matching dim."""
 from __future__ import annotations
 
-from . import MIXED, Layout, _one, _shape, aten, layout_rule
+from .base import MIXED, Layout, _one, _shape, aten, layout_rule
 from .pointwise import _broadcast
 
 

@@ -1,7 +1,7 @@
 """Normalizations that combine values along their last dims only (layer norm, RMS norm)."""
 from __future__ import annotations
 
-from . import MIXED, Outputs, _along, _one, _register, _shape, aten, layout_rule
+from .base import MIXED, Outputs, _along, _one, _register, _shape, aten, layout_rule
 
 _register(_along(lambda n, nd: range(nd - len(n.args[1]), nd)), aten.native_layer_norm.default)
 

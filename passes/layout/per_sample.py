@@ -2,8 +2,7 @@
 norm) and their backward ops: the batch stays in dim 0; a batch elsewhere is MIXED."""
 from __future__ import annotations
 
-from . import (MIXED, NO_BATCH, Outputs, _DIM0, _op, _prims_op, _shared_dim0, aten, layout_rule,
-               register_per_sample)
+from .base import _DIM0, MIXED, NO_BATCH, Outputs, _op, _prims_op, _shared_dim0, aten, layout_rule, register_per_sample
 
 register_per_sample(
     aten.convolution.default, aten.native_group_norm.default,

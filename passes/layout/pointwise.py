@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from . import NO_BATCH, Layout, _shape, aten, known_equal, layout_rule
+from .base import NO_BATCH, Layout, _shape, aten, known_equal, layout_rule
 
 
 @layout_rule(

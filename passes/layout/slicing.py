@@ -4,8 +4,22 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from . import (MIXED, Layout, Outputs, _arg, _val, _dim, _one, _shape, aten, exact_div, fits, known_equal,
-               layout_rule, same_shape)
+from .base import (
+    MIXED,
+    Layout,
+    Outputs,
+    _arg,
+    _dim,
+    _one,
+    _shape,
+    _val,
+    aten,
+    exact_div,
+    fits,
+    known_equal,
+    layout_rule,
+    same_shape,
+)
 
 
 @layout_rule(aten.select.int)

@@ -5,7 +5,7 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from . import Layout, _arg, _prod, _shape, aten, exact_div, known_equal, layout_rule
+from .base import Layout, _arg, _prod, _shape, aten, exact_div, known_equal, layout_rule
 
 
 @layout_rule(aten.view.default, aten._unsafe_view.default, aten.reshape.default)

@@ -6,7 +6,7 @@ rewrite mm with one row into pointwise ops, hiding the linear structure. None is
 from __future__ import annotations
 
 from ..layout import known_equal
-from . import InstantiatedRoute, replay, rule
+from .base import Decline, InstantiatedRoute, replay
 
 
 class BatchOfOneRoute(InstantiatedRoute):
@@ -15,9 +15,8 @@ class BatchOfOneRoute(InstantiatedRoute):
         return ctx.builder.call(lambda g: replay(c.path, c.root, g).unsqueeze(0), c.root)
 
 
-@rule("batch_of_one")
-def match_batch_of_one(contribution, ctx):
+def match(contribution, ctx):
     if not (isinstance(ctx.batch_size, int) and known_equal(ctx.batch_size, 1)):
-        return None
+        return Decline("the batch size is not a fixed 1", applies=False)
     return BatchOfOneRoute("batch_of_one", "instantiate", contribution,
                            shapes={"B": "1"}, extra_flops=2 * ctx.param_numel, extra_bytes=4 * ctx.param_numel)

@@ -24,11 +24,20 @@ import torch
 import torch.nn.functional as F
 
 from ..layout import Layout, size_hint
-from . import (InstantiatedRoute, cost, norm_sq_of, normalized, replay, rule, scale_by_sample, weighted_sum,
-               zero_dropped)
+from ..numerics import upcast
+from . import cost
+from .base import (
+    Decline,
+    InstantiatedRoute,
+    norm_sq_of,
+    normalized,
+    replay,
+    scale_by_sample,
+    weighted_sum,
+    zero_dropped,
+)
 
 aten = torch.ops.aten
-
 
 
 def _conv_args(cb):
@@ -59,10 +68,6 @@ def unfold_nd(x, kernel, stride, padding, dilation):
     return x.reshape(n, c * math.prod(kernel), math.prod(positions))
 
 
-def _f32(t):
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
-
-
 def _grouped_rows(go, x, weight_shape, conv, batch):
     """(A, G): per sample and group, the unfolded input rows A (B * g, inner * L, Cin/g * K) and
     the output gradient rows G (B * g, inner * L, Cout/g) of a convolution with this weight."""
@@ -78,10 +83,10 @@ def _grouped_rows(go, x, weight_shape, conv, batch):
     return a, gg
 
 
-def conv_ghost_norm_sq(go, x, weight_shape, lay_inner_ref, conv, batch):
+def conv_ghost_norm_sq(go, x, weight_shape, conv, batch):
     """Per-sample ||grad_weight||^2 from unfolded activations and output gradients."""
     a, gg = _grouped_rows(go, x, weight_shape, conv, batch)
-    a, gg = _f32(a), _f32(gg)
+    a, gg = upcast(a), upcast(gg)
     ga = torch.bmm(a, a.transpose(1, 2))
     gb = torch.bmm(gg, gg.transpose(1, 2))
     return (ga * gb).reshape(batch, -1).sum(1)
@@ -139,7 +144,7 @@ def _candidates(grad_out, x, weight, conv, lay, batch: int) -> cost.Candidates:
                 torch.rand(batch, generator=gen, device=values[0].device))
 
     def ghost(go, x, w, r):
-        return conv_ghost_norm_sq(go, x, wshape, None, conv, batch), _ghost_weighted(go, x, w, r, conv, lay)
+        return conv_ghost_norm_sq(go, x, wshape, conv, batch), _ghost_weighted(go, x, w, r, conv, lay)
 
     def instantiate(go, x, w, r):
         per = _per_sample_weight_grad(go, x, w, conv, batch)
@@ -169,7 +174,7 @@ class ConvWeightRoute(InstantiatedRoute):
             return super().norm_sq(ctx)
         conv, wshape = self.conv, tuple(int(s) for s in self.weight.meta["val"].shape)
         return ctx.builder.call(
-            lambda go, x, bref: conv_ghost_norm_sq(go, x, wshape, None, conv, bref.shape[0]),
+            lambda go, x, bref: conv_ghost_norm_sq(go, x, wshape, conv, bref.shape[0]),
             self.grad_out, self.x, ctx.bref)
 
     def reweighted(self, ctx, clip):
@@ -212,19 +217,20 @@ def choose(batch, T, groups, d, p, candidates=None):
     return cost.choose(batch, T, p, d, groups, candidates).as_tuple()
 
 
-@rule("conv")
-def match_conv(contribution, ctx):
+def match(contribution, ctx):
     root = contribution.root
-    if root.target != operator.getitem or root.args[1] not in (1, 2):
-        return None
+    if not (root.target == operator.getitem and root.args[1] in (1, 2)
+            and root.args[0].target == aten.convolution_backward.default):
+        return Decline("the gradient is not a convolution's weight or bias gradient", applies=False)
     cb = root.args[0]
-    if cb.target != aten.convolution_backward.default:
-        return None
     grad_out, x, weight, conv = _conv_args(cb)
     lay = ctx.layouts.get(grad_out)
-    if not (isinstance(lay, Layout) and lay.dim == 0 and lay.batch_major
-            and ctx.layouts.get(x) == lay and weight not in ctx.layouts):
-        return None
+    if not (isinstance(lay, Layout) and lay.dim == 0 and lay.batch_major):
+        return Decline("the output gradient does not hold the batch in dim 0 (batch-major)")
+    if ctx.layouts.get(x) != lay:
+        return Decline("the input and the output gradient are batched differently")
+    if weight in ctx.layouts:
+        return Decline("the weight depends on the batch")
     lay = normalized(lay)
     batch = ctx.batch_hint
     out_shape = grad_out.meta["val"].shape

@@ -36,6 +36,7 @@ from typing import Callable
 import torch
 
 from .. import _torch
+from ..layout import size_hint
 
 FLOPS_PER_BYTE = 16
 BATCHED_PENALTY = 2.0
@@ -124,6 +125,28 @@ def choose(batch: int, T: int, m: int, k: int, groups: int = 1, candidates: Cand
     return Choice("instantiate", i_flops, i_held, g_cost, i_cost, measured)
 
 
+def embedding_costs(batch: int, T: int, d: int, rows: int) -> dict[str, tuple[int, int]]:
+    """{method: (extra FLOPs, held bytes)} of an embedding table's per-sample norms, T tokens of
+    width d per sample: "gram" (T x T id matches and row products), "segment" (sums of the rows
+    of equal ids, T d memory) or "instantiate" (the (rows, d) table per sample)."""
+    return {"gram": (2 * batch * T * T * (d + 1), FLOAT_BYTES * batch * T * T * 2),
+            "segment": (batch * T * (d * 4 + 16), FLOAT_BYTES * batch * T * d * 3),
+            "instantiate": (2 * batch * T * d, FLOAT_BYTES * batch * rows * d)}
+
+
+def choose_embedding(batch: int, T: int, d: int, rows: int) -> tuple[str, int, int]:
+    """(method, extra FLOPs, held bytes) of the cheapest of embedding_costs (no timing)."""
+    costs = embedding_costs(batch, T, d, rows)
+    best = min(costs, key=lambda k: costs[k][1] + costs[k][0] / FLOPS_PER_BYTE)
+    return best, *costs[best]
+
+
+def stacked_uses_ghost(T: int, m: int, k: int) -> bool:
+    """For the uses of one shared weight stacked into one (T rows, m x k) product per sample:
+    True when its T x T Grams cost no more than instantiating the m x k product."""
+    return T * T * (m + k) <= T * m * k
+
+
 def _worth_measuring(g_cost: float, i_cost: float, held: int) -> bool:
     if os.environ.get("FXCLIP_STRATEGY", "measure") == "model":
         return False
@@ -178,8 +201,6 @@ def _synchronize(device) -> None:
 def random_like(value, generator: torch.Generator) -> torch.Tensor:
     """A real tensor with `value`'s (hinted) shape, strides, dtype and device, filled from
     `generator` (so timing never moves the user's random streams)."""
-    from ..layout import size_hint
-
     shape = [size_hint(s) for s in value.shape]
     stride = [size_hint(s) for s in value.stride()]
     if any(st == 0 for st, n in zip(stride, shape) if n > 1):  # an expanded view: time a dense copy
@@ -192,8 +213,6 @@ def random_like(value, generator: torch.Generator) -> torch.Tensor:
 
 def nbytes(value) -> int:
     """Bytes of a (fake) tensor, symbolic sizes at their hints."""
-    from ..layout import size_hint
-
     return size_hint(value.numel()) * value.element_size()
 
 

@@ -18,24 +18,19 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import PrivacyError
 from ..builder import run_node
-from ..layout import Layout, same_shape, size_hint
-from . import InstantiatedRoute, is_zeros, normalized, replay, rule, scale_by_sample, split_batch, weighted_sum
+from ..layout import Layout, reduced_dims, same_shape, size_hint
+from ..numerics import upcast
+from ..refusals import refusal
+from ..viewops import MOVES_VALUES
+from . import cost
+from .base import Decline, InstantiatedRoute, is_zeros, normalized, replay, scale_by_sample, split_batch, weighted_sum
 from .shared import Factors, orientation
 
 aten = torch.ops.aten
 
-_PUTS = (aten._unsafe_masked_index_put_accumulate.default, aten.index_put.default,
-         aten._unsafe_index_put.default)
-_CHAIN = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.clone.default,
-          aten.alias.default, aten.squeeze.dim, aten.squeeze.dims, aten.unsqueeze.default,
-          aten.expand.default, aten._to_copy.default, torch.ops.prims.convert_element_type.default,
-          aten.permute.default, aten.transpose.int, aten.t.default}
-
-
-def _f32(t):
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+# ops between a sum over the batch and the values it feeds (the gradient broadcast back)
+_CHAIN = MOVES_VALUES | {aten.expand.default}
 
 
 class _Source:
@@ -47,22 +42,23 @@ class _Source:
 
 
 def _source(values, ctx):
+    """The _Source of the values a table gradient accumulates, or a Decline."""
     lay = ctx.layouts.get(values)
     if isinstance(lay, Layout):
-        return _Source(values, layout=normalized(lay)) if lay.batch_major else None
+        if not lay.batch_major:
+            return Decline("the values are not batch-major")
+        return _Source(values, layout=normalized(lay))
     chain, node = [], values
     while node.op == "call_function" and node.target in _CHAIN and isinstance(node.args[0], type(node)):
         chain.insert(0, node)
         node = node.args[0]
     if node.target != aten.sum.dim_IntList:
-        return None
+        return Decline("the values are neither per sample nor a sum over the batch")
     y = node.args[0]
     ylay = ctx.layouts.get(y)
-    ndim = y.meta["val"].dim()
-    dims = [d % ndim for d in node.args[1]]
-    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    dims, keepdim = reduced_dims(node)
     if not (isinstance(ylay, Layout) and ylay.batch_major and ylay.dim in dims):
-        return None
+        return Decline("the values are a sum that does not reduce a batch-major batch dim")
     return _Source(values, summed=(node, y, normalized(ylay)), chain=chain, dims=dims, keepdim=keepdim)
 
 
@@ -169,13 +165,13 @@ class EmbeddingRoute(InstantiatedRoute):
 
 
 def _gram_norm_sq(ids, vals):
-    vals = _f32(vals)
+    vals = upcast(vals)
     same = (ids.unsqueeze(2) == ids.unsqueeze(1)).to(vals.dtype)
     return (same * torch.bmm(vals, vals.transpose(1, 2))).sum((1, 2))
 
 
 def _segment_norm_sq(ids, vals):
-    vals = _f32(vals)
+    vals = upcast(vals)
     batch, T, d = vals.shape
     order = torch.argsort(ids, dim=1, stable=True)
     sorted_ids = torch.gather(ids, 1, order)
@@ -189,7 +185,7 @@ def _segment_norm_sq(ids, vals):
 
 
 def _parse(root):
-    """(ids, mask, values, num_rows, padding_idx) of an embedding-gradient root, else None."""
+    """(ids, mask, values, num_rows, padding_idx) of an embedding-gradient root, else a Decline."""
     if root.target == aten._unsafe_masked_index_put_accumulate.default:
         base, mask, indices, values = root.args[:4]
     elif root.target in (aten.index_put.default, aten._unsafe_index_put.default):
@@ -197,54 +193,46 @@ def _parse(root):
         accumulate = root.args[3] if len(root.args) > 3 else root.kwargs.get("accumulate", False)
         mask = None
         if not accumulate:
-            return None
+            return Decline("the index_put does not accumulate")
     elif root.target == aten.embedding_dense_backward.default:
         values, ids, num_rows, padding_idx, by_freq = root.args[:5]
         if by_freq:
-            raise PrivacyError(
-                "nn.Embedding(scale_grad_by_freq=True) divides each token's gradient by its count "
-                "over the whole batch, which couples samples: per-sample clipping cannot bound a "
-                "sample's influence. Use scale_grad_by_freq=False.")
+            raise refusal("embedding-scale-grad-by-freq")
         return ids, None, values, num_rows, (padding_idx if padding_idx >= 0 else None)
     else:
-        return None
+        return Decline("the gradient is not an embedding backward", applies=False)
     if not (is_zeros(base) and len(indices) == 1 and indices[0] is not None):
-        return None
+        return Decline("the values are not accumulated into zeros with one index tensor")
     if base.meta["val"].dim() != 2:
-        return None
+        return Decline("the table is not 2-D")
     return indices[0], mask, values, base.meta["val"].shape[0], None
 
 
 def choose(batch, T, d, rows):
     """(strategy, flops, bytes): gram T x T, segment sums, or instantiate the (rows, d) table."""
-    gram = (2 * batch * T * T * (d + 1), 4 * batch * T * T * 2)
-    segment = (batch * T * (d * 4 + 16), 4 * batch * T * d * 3)
-    inst = (2 * batch * T * d, 4 * batch * rows * d)
-    costs = {"gram": gram, "segment": segment, "instantiate": inst}
-    best = min(costs, key=lambda k: costs[k][1] + costs[k][0] / 16)
-    return best, *costs[best]
+    return cost.choose_embedding(batch, T, d, rows)
 
 
-@rule("embedding")
-def match_embedding(contribution, ctx):
-    root = contribution.root
-    parsed = _parse(root)
-    if parsed is None:
-        return None
+def _plain_layout(layout):
+    """A batch-major layout with plain int sizes (traced fns read them); others as they are."""
+    return normalized(layout) if isinstance(layout, Layout) and layout.batch_major else layout
+
+
+def match(contribution, ctx):
+    parsed = _parse(contribution.root)
+    if isinstance(parsed, Decline):
+        return parsed
     ids, mask, values, num_rows, padding_idx = parsed
-    for node in (ids, mask, values):  # plain int layouts (read inside traced fns)
-        if isinstance(ctx.layouts.get(node), Layout) and ctx.layouts[node].batch_major:
-            ctx.layouts[node] = normalized(ctx.layouts[node])
     if ids.meta["val"].dtype not in (torch.int64, torch.int32):
-        return None
-    ids_lay = ctx.layouts.get(ids)
+        return Decline("the ids are not integers")
+    ids_lay = _plain_layout(ctx.layouts.get(ids))
     if ids in ctx.layouts and not (isinstance(ids_lay, Layout) and ids_lay.batch_major):
-        return None
-    if mask is not None and mask in ctx.layouts and ctx.layouts.get(mask) != ids_lay:
-        return None
+        return Decline("the ids are batched but not batch-major")
+    if mask is not None and mask in ctx.layouts and _plain_layout(ctx.layouts.get(mask)) != ids_lay:
+        return Decline("the mask and the ids are batched differently")
     src = _source(values, ctx)
-    if src is None:
-        return None
+    if isinstance(src, Decline):
+        return src
     vshape = values.meta["val"].shape
     if src.summed is None:
         # values hold ids.shape + (d,) with the batch where the ids have it. Ids computed
@@ -253,11 +241,11 @@ def match_embedding(contribution, ctx):
         if ids_lay is None and same_shape(vshape[:-1], ids.meta["val"].shape):
             ids_lay = src.layout
         if not (isinstance(ids_lay, Layout) and src.layout == ids_lay):
-            return None
+            return Decline("the ids and the values are batched differently")
     elif isinstance(ids_lay, Layout):
-        return None  # batched ids with summed values: not an embedding lookup
+        return Decline("the ids are batched but the values are summed over the batch")
     if not same_shape(vshape[:-1], ids.meta["val"].shape) and not (src.summed and len(vshape) == ids.meta["val"].dim() + 1):
-        return None
+        return Decline("the values do not have the ids' shape plus one dim")
     batch = ctx.batch_hint
     T = size_hint(ids.meta["val"].numel()) // (batch if isinstance(ids_lay, Layout) else 1)
     d = size_hint(vshape[-1])

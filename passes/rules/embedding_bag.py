@@ -15,7 +15,8 @@ import torch
 from ..builder import run_node
 from ..layout import Layout, size_hint
 from ..layout.embedding_bag import bag_layout
-from . import Route, replay, rule, scale_by_sample
+from ..numerics import upcast
+from .base import Decline, Route, replay, scale_by_sample
 
 aten = torch.ops.aten
 
@@ -30,7 +31,7 @@ def _args(root) -> dict:
 
 def bag_norm_sq(grad, indices, bag_size, weights, mode: int, padding_idx):
     """(B,) squared norms of the per-bag table gradients (see the module docstring)."""
-    g = grad.float() if grad.dtype in (torch.float16, torch.bfloat16) else grad
+    g = upcast(grad)
     g_sq = g.square().sum(1)
     if mode == MAX:
         return torch.where(bag_size > 0, g_sq, 0)
@@ -83,18 +84,23 @@ class EmbeddingBagRoute(Route):
         return ctx.builder.call(fn, *self._inputs())
 
 
-@rule("embedding_bag")
-def match_embedding_bag(contribution, ctx):
+def match(contribution, ctx):
     root = contribution.root
     if root.target != aten._embedding_bag_backward.default:
-        return None
+        return Decline("the gradient is not an EmbeddingBag's", applies=False)
     a = _args(root)
     forward = a["offset2bag"].args[0] if a["offset2bag"].op == "call_function" else None
     forward = forward if getattr(forward, "target", None) == aten._embedding_bag.default else None
-    if (ctx.layouts.get(a["grad"]) != Layout(0) or a.get("scale_grad_by_freq")
-            or a["mode"] not in (SUM, MEAN, MAX) or forward is None
-            or bag_layout(forward, ctx.layouts, ctx.batch_size) is None):
-        return None
+    if ctx.layouts.get(a["grad"]) != Layout(0):
+        return Decline("the bags' output gradient does not hold one row per sample")
+    if a.get("scale_grad_by_freq"):
+        return Decline("scale_grad_by_freq couples samples")
+    if a["mode"] not in (SUM, MEAN, MAX):
+        return Decline("the bag mode is not sum, mean or max")
+    if forward is None:
+        return Decline("the forward _embedding_bag is not found")
+    if bag_layout(forward, ctx.layouts, ctx.batch_size) is None:
+        return Decline("the bags are not one per sample (2-D ids without offsets)")
     per_bag = size_hint(ctx.layouts[a["indices"]].inner)
     return EmbeddingBagRoute("embedding_bag", "ghost", contribution,
                              shapes={"B": str(ctx.batch_size), "L": str(per_bag)},

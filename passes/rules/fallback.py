@@ -11,9 +11,13 @@ import torch
 import torch.fx as fx
 
 from ..builder import is_tensor_node, run_node
-from ..errors import PrivacyError
-from . import InstantiatedRoute, replay, rule
+from ..module_path import module_of
+from ..refusals import refusal
+from ..viewops import VIEWS
+from .base import InstantiatedRoute, replay
 from .vmap_forms import SYMBOLIC_BATCH_FORMS, VMAP_FORMS
+
+aten = torch.ops.aten
 
 
 def _size_source(sym: fx.Node):
@@ -53,21 +57,12 @@ def backward_slice(root: fx.Node, seeds: list, after_seeds: set) -> tuple[list, 
     return order, outside
 
 
-aten = torch.ops.aten
-_VIEWS = {aten.view.default, aten._unsafe_view.default}
-
-
 def _check_replayable(order) -> None:
     for node in order:
         if node.target == aten.as_strided_scatter.default and not _fresh(node.args[0]):
-            from ..mixing import module_path
-
-            path, cls = module_path(node)
+            path, cls = module_of(node)
             where = f" in module {path or '<root>'!r} ({cls})" if cls else ""
-            raise PrivacyError(
-                f"a strided view (as_strided) of a non-contiguous tensor{where} has a backward "
-                "the per-sample gradient fallback cannot replay per sample; express the view "
-                "with reshape/permute, or call .contiguous() before it.")
+            raise refusal("strided-view-of-non-contiguous", where=where)
 
 
 def _fresh(node) -> bool:
@@ -97,7 +92,7 @@ class FallbackRoute(InstantiatedRoute):
                     if node.op == "placeholder":  # a symbolic size
                         source, dim = _size_source(node)
                         env[node] = env[source].shape[dim]
-                    elif node.target in _VIEWS:  # batched (vmapped) strides may not allow a view
+                    elif node.target in VIEWS:  # batched (vmapped) strides may not allow a view
                         env[node] = run_node(node, env, target=aten.reshape.default)
                     elif node.target in forms:
                         env[node] = run_node(node, env, target=forms[node.target])
@@ -110,8 +105,8 @@ class FallbackRoute(InstantiatedRoute):
         return ctx.builder.call(fn, *seeds, *outside)
 
 
-@rule("fallback")
-def match_fallback(contribution, ctx):
+def match(contribution, ctx):
+    """Every contribution: the fallback never declines."""
     seeds = list(ctx.output_grads)
     order, _ = backward_slice(contribution.root, seeds, ctx.after_output_grads)
     work = sum(n.meta["val"].numel() for n in order if is_tensor_node(n))

@@ -12,8 +12,21 @@ from __future__ import annotations
 import torch
 
 from ..layout import Layout, known_equal, size_hint
-from . import (InstantiatedRoute, cost, norm_sq_of, normalized, replay, rule, scale_by_sample, split_batch,
-               weighted_sum, zero_dropped)
+from ..numerics import upcast
+from ..viewops import RESHAPES, TRANSPOSES
+from . import cost
+from .base import (
+    Decline,
+    InstantiatedRoute,
+    norm_sq_of,
+    normalized,
+    replay,
+    scale_by_sample,
+    split_batch,
+    weighted_sum,
+    zero_dropped,
+)
+from .shared import Factors, orientation
 
 aten = torch.ops.aten
 
@@ -27,7 +40,7 @@ def _rows(x, layout: Layout, batch: int):
 def _sample_gram(x, layout: Layout, bref, one_row: bool):
     """Per-sample Gram matrices X_i X_i^T (B, T, T), float32 or wider; (B,) ||x_i||^2 for one row."""
     a = _rows(x, layout, bref.shape[0])
-    a = a.float() if a.dtype in (torch.float16, torch.bfloat16) else a
+    a = upcast(a)
     if one_row:
         return a.square().sum((1, 2))
     return torch.bmm(a, a.transpose(1, 2))
@@ -37,8 +50,7 @@ def _gram_product(ga, gb):
     return ga * gb if ga.dim() == 1 else (ga * gb).sum((1, 2))
 
 
-_VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.permute.default,
-          aten.t.default, aten.transpose.int}
+_VIEWS = RESHAPES | TRANSPOSES
 
 
 def _structure(node):
@@ -123,8 +135,6 @@ class LinearRoute(InstantiatedRoute):
 
     def ghost_factors(self, ctx):
         """Per-sample G_i = X_i Y_i as rows (T, m) and (T, k), oriented like the parameter."""
-        from .shared import Factors, orientation
-
         c, lx, ly = self.contribution, self.lx, self.ly
         way = orientation(c.path, c.root)
         if way is None:
@@ -143,12 +153,10 @@ class LinearRoute(InstantiatedRoute):
                                 self.x, self.y, clip)
 
 
-
-@rule("linear")
-def match_linear(contribution, ctx):
+def match(contribution, ctx):
     root = contribution.root
     if root.target != aten.mm.default:
-        return None
+        return Decline("the gradient is not computed by an mm", applies=False)
     x, y = root.args[:2]
     lx, ly = ctx.layouts.get(x), ctx.layouts.get(y)
     # an operand that holds no sample's data (a recurrence's zero initial state) splits its rows
@@ -158,14 +166,14 @@ def match_linear(contribution, ctx):
     if y not in ctx.layouts and isinstance(lx, Layout) and lx.dim == 1:
         ly = Layout(0, lx.outer, lx.inner)
     if not (isinstance(lx, Layout) and isinstance(ly, Layout)):
-        return None
+        return Decline("an operand of the mm has no per-sample batch layout")
     if lx.dim != 1 or ly.dim != 0:
-        return None
+        return Decline("the batch is not on the contracted dim of the mm")
     lx, ly = normalized(lx), normalized(ly)
     if lx is None or ly is None:
-        return None
+        return Decline("the batch's row blocks have a symbolic count")
     if not (known_equal(lx.inner, ly.inner) and known_equal(lx.outer, ly.outer)):
-        return None
+        return Decline("the two operands of the mm split the batch into different rows")
     T = size_hint(lx.inner) * size_hint(lx.outer)  # rows per sample (outer > 1: sequence-first)
     m, k = size_hint(x.meta["val"].shape[0]), size_hint(y.meta["val"].shape[1])
     one_row = known_equal(lx.inner, 1) and known_equal(lx.outer, 1)

@@ -27,7 +27,11 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from . import cat_slots
+from ..layout import size_hint
+from ..numerics import upcast
+from ..viewops import COPIES, RESHAPES, SQUEEZES, TRANSPOSES
+from . import cost
+from .base import cat_slots
 
 aten = torch.ops.aten
 
@@ -41,9 +45,7 @@ class Factors:
     cols: int
 
 
-_IDENTITY_OPS = {aten.clone.default, aten.alias.default, aten._to_copy.default,
-                 torch.ops.prims.convert_element_type.default, aten.add.Tensor}
-_VIEW_OPS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
+_IDENTITY_OPS = COPIES | {aten.add.Tensor}  # an add on the path passes one term through
 
 
 def _shape(node):
@@ -61,13 +63,12 @@ def orientation(path, root) -> str | None:
         out = _shape(node)
         if node.target in _IDENTITY_OPS:
             pass
-        elif node.target in _VIEW_OPS or node.target in (aten.squeeze.dim, aten.squeeze.dims,
-                                                          aten.unsqueeze.default):
+        elif node.target in RESHAPES or node.target in SQUEEZES:
             if out != prev:
                 if swapped:
                     return None  # a reshape of a transposed matrix: not a plain transpose
                 reshaped = True
-        elif node.target in (aten.permute.default, aten.t.default, aten.transpose.int):
+        elif node.target in TRANSPOSES:
             if reshaped or len(out) != 2:
                 return None
             if node.target == aten.permute.default:
@@ -84,24 +85,20 @@ def orientation(path, root) -> str | None:
     return "transposed" if swapped else "same"
 
 
-def _f32(t):
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
-
-
 def _dense_dense(a1, b1, a2, b2):
-    a1, b1, a2, b2 = map(_f32, (a1, b1, a2, b2))
+    a1, b1, a2, b2 = map(upcast, (a1, b1, a2, b2))
     return (torch.bmm(a1, a2.transpose(1, 2)) * torch.bmm(b1, b2.transpose(1, 2))).sum((1, 2))
 
 
 def _onehot_dense(ids, b1, a2, b2):
     # a2[s, ids_t] for every (s, t): (B, T2, T1)
-    b1, a2, b2 = map(_f32, (b1, a2, b2))
+    b1, a2, b2 = map(upcast, (b1, a2, b2))
     picked = torch.gather(a2, 2, ids.unsqueeze(1).expand(ids.shape[0], a2.shape[1], ids.shape[1]))
     return (picked * torch.bmm(b2, b1.transpose(1, 2))).sum((1, 2))
 
 
 def _onehot_onehot(ids1, b1, ids2, b2):
-    b1, b2 = _f32(b1), _f32(b2)
+    b1, b2 = upcast(b1), upcast(b2)
     same = (ids1.unsqueeze(2) == ids2.unsqueeze(1)).to(b1.dtype)
     return (same * torch.bmm(b1, b2.transpose(1, 2))).sum((1, 2))
 
@@ -117,17 +114,17 @@ def _cross(builder, f1: Factors, f2: Factors):
 
 
 def _dot(p1, p2):
-    p1, p2 = _f32(p1), _f32(p2)
+    p1, p2 = upcast(p1), upcast(p2)
     return (p1.reshape(p1.shape[0], -1) * p2.reshape(p2.shape[0], -1)).sum(1)
 
 
 def _stacked_gram(a, b):
-    a, b = _f32(a), _f32(b)
+    a, b = upcast(a), upcast(b)
     return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(b, b.transpose(1, 2))).sum((1, 2))
 
 
 def _stacked_instantiated(a, b):
-    return torch.bmm(_f32(a).transpose(1, 2), _f32(b)).square().sum((1, 2))
+    return torch.bmm(upcast(a).transpose(1, 2), upcast(b)).square().sum((1, 2))
 
 
 def _stacked_norm_sq(routes, factors, ctx):
@@ -141,7 +138,7 @@ def _stacked_norm_sq(routes, factors, ctx):
         return None
     rows = sum(_rows_of(f.a) for f in factors)
     m, k = factors[0].rows, factors[0].cols
-    ghost = rows * rows * (m + k) <= rows * m * k
+    ghost = cost.stacked_uses_ghost(rows, m, k)
     a = ctx.builder.call(lambda *t: torch.cat(t, 1), *[f.a for f in factors])
     b = ctx.builder.call(lambda *t: torch.cat(t, 1), *[f.b for f in factors])
     for r in routes:
@@ -152,8 +149,6 @@ def _stacked_norm_sq(routes, factors, ctx):
 
 
 def _rows_of(node) -> int:
-    from ..layout import size_hint
-
     return size_hint(node.meta["val"].shape[1])
 
 
@@ -181,8 +176,8 @@ def shared_norm_sq(routes, ctx):
     n_own = len(routes)
 
     def total(*ts):
-        own = sum(_f32(t) for t in ts[:n_own])
-        cross = sum(_f32(t) for t in ts[n_own:])
+        own = sum(upcast(t) for t in ts[:n_own])
+        cross = sum(upcast(t) for t in ts[n_own:])
         return (own + 2 * cross).clamp(min=0)  # >= 0 exactly; rounding may dip below
 
     return b.call(total, *terms)

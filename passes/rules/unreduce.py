@@ -11,21 +11,10 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ..layout import Layout, same_shape
-from . import InstantiatedRoute, normalized, replay, rule, split_batch
+from ..layout import Layout, reduced_dims, same_shape
+from .base import Decline, InstantiatedRoute, normalized, replay, split_batch
 
 aten = torch.ops.aten
-
-
-def _summed_dims(root):
-    x = root.args[0]
-    ndim = x.meta["val"].dim()
-    if root.target == aten.sum.default:
-        return list(range(ndim)), False
-    dims = root.args[1] if len(root.args) > 1 else None
-    dims = list(range(ndim)) if not dims else [d % ndim for d in dims]
-    keepdim = root.args[2] if len(root.args) > 2 else root.kwargs.get("keepdim", False)
-    return dims, keepdim
 
 
 class UnreduceRoute(InstantiatedRoute):
@@ -69,24 +58,23 @@ def _scaled_sum(root, ctx):
 SUMS = (aten.sum.dim_IntList, aten.sum.default)
 
 
-@rule("unreduce")
-def match_unreduce(contribution, ctx):
+def match(contribution, ctx):
     root, scale = contribution.root, None
     scaled = _scaled_sum(root, ctx)
     if scaled is not None:
         root, scale = scaled
     if root.target not in SUMS:
-        return None
+        return Decline("the gradient is not a sum (times a factor the same for every sample)", applies=False)
     x = root.args[0]
     layout = ctx.layouts.get(x)
     if not isinstance(layout, Layout):
-        return None
+        return Decline("the summed tensor has no per-sample batch layout")
     layout = normalized(layout)  # outer > 1 (sequence-first rows): split_batch handles it
     if layout is None:
-        return None
-    dims, keepdim = _summed_dims(root)
+        return Decline("the batch's row blocks have a symbolic count")
+    dims, keepdim = reduced_dims(root)
     if layout.dim not in dims:
-        return None
+        return Decline("the sum does not reduce the batch dim")
     numel = ctx.param_numel
     return UnreduceRoute(contribution, x, layout, dims, keepdim, scale,
                          shapes={"B": str(ctx.batch_size), "x": str(tuple(x.meta["val"].shape))},

@@ -1,0 +1,1 @@
+"""The stages of the joint-graph pass (passes/pipeline.py runs them in order)."""

@@ -1,0 +1,174 @@
+"""Helpers the test files share: losses, a small MLP and its data, wrapper modules, and the
+one-step checks against the oracles in reference.py (torch.func per-sample gradients) or a loop
+of one backward per sample. Import them (`from helpers import run_check`); tests/README.md lists
+what each is for. Each check keeps the tolerance it had where it was first written."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+import fxclip
+from reference import per_sample_reference
+
+D = torch.float64
+
+
+# --- losses ---
+
+def sq_loss(out, y):
+    """One sample's loss for the oracles: its summed squared error."""
+    return (out - y).square().sum()
+
+
+def mse(o, t):
+    """A batch's loss: the mean over samples of each sample's summed squared error."""
+    return ((o - t) ** 2).sum(tuple(range(1, o.dim()))).mean()
+
+
+def batch_loss(out, y, reduction):
+    """The batch's loss whose per-sample terms are sq_loss: their mean or their sum."""
+    per_sample = (out - y).square().reshape(out.shape[0], -1).sum(1)
+    return per_sample.mean() if reduction == "mean" else per_sample.sum()
+
+
+# --- a small model and its data ---
+
+def mlp(out=3):
+    """Linear(6, 8), Tanh, Linear(8, out) in float64, seeded."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, out)).double()
+
+
+def mlp_data(b=5, seed=1, classes=3):
+    """(x, labels) for mlp(): b rows of 6 float64 features, labels in [0, classes)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, 6, dtype=torch.float64, generator=g), torch.randint(0, classes, (b,), generator=g)
+
+
+# --- wrapper modules ---
+
+class Lambda(nn.Module):
+    """`fn` as a module (with a module path, for messages that name it)."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+class Wrap(nn.Module):
+    """Linear, then `fn(h)`, then Linear: a mixing op inside a model with a module path."""
+
+    def __init__(self, fn, d=4):
+        super().__init__()
+        self.a = nn.Linear(3, d)
+        self.inner = Lambda(fn)
+        self.b = nn.Linear(d, 2)
+
+    def forward(self, x):
+        return self.b(self.inner(self.a(x)))
+
+
+# --- one step against an oracle ---
+
+LAST = {}  # "report": the last_report of the last run_check / run_steps / check_against_loop
+
+
+def assert_grads(model, ref):
+    """Every parameter's .grad equals ref[name] (float64 tolerances)."""
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref[n], rtol=1e-9, atol=1e-12, msg=n)
+
+
+def check_step(model, pm, x, y, C, reduction, atol=1e-10):
+    """One eager step of `pm` on batch_loss against per_sample_reference (sq_loss): gradients
+    and norms; frozen parameters get no .grad. Returns the report."""
+    expected, norms = per_sample_reference(model, (x,), y, sq_loss, C, reduction)
+    batch_loss(pm(x), y, reduction).backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, expected[name], atol=atol, rtol=1e-7, msg=name)
+        else:
+            assert p.grad is None, name
+    torch.testing.assert_close(pm.per_sample_norms, norms, atol=atol, rtol=1e-7)
+    return pm.last_report
+
+
+def run_check(model, inputs, targets=None, loss_fn=mse, C=0.5, reduction="mean", compiled=False,
+              dtype=D, tol=1e-9):
+    """Privatize, step once, compare with the torch.func reference; returns the report rows."""
+    model = model.to(dtype)
+    pm = fxclip.privatize(model, max_grad_norm=C, loss_reduction=reduction)
+    run = torch.compile(pm) if compiled else pm
+    _step_matches_reference(model, pm, run, inputs, targets, loss_fn, C, reduction, tol)
+    return {r.name: r for r in pm.last_report.params}
+
+
+def run_steps(model, make_inputs, sizes=(4, 3, 5), compiled=False, C=0.5, tol=1e-9):
+    """A run of one privatized model: a batch of each size in turn (a static graph, then one
+    dynamic graph for the others), every step against the torch.func reference; returns the
+    report rows of the last step."""
+    model = model.to(D)
+    pm = fxclip.privatize(model, max_grad_norm=C)
+    run = torch.compile(pm) if compiled else pm
+    for b in sizes:
+        model.zero_grad(set_to_none=True)
+        _step_matches_reference(model, pm, run, make_inputs(b), None, mse, C, "mean", tol)
+    assert not pm.last_report.batch_size.isdigit(), pm.last_report.batch_size  # one dynamic graph
+    return {r.name: r for r in pm.last_report.params}
+
+
+def _step_matches_reference(model, pm, run, inputs, targets, loss_fn, C, reduction, tol):
+    out = run(*inputs)
+    if targets is None:
+        targets = torch.randn_like(out)
+    loss = loss_fn(out, targets) if reduction == "mean" else loss_fn(out, targets) * out.shape[0]
+    loss.backward()
+    lf = loss_fn if reduction == "mean" else (lambda o, t: loss_fn(o, t) * o.shape[0])
+    ref, norms = per_sample_reference(model, inputs, targets, lf, C, reduction)
+    assert (C / norms).min() < 1, "test should clip some samples"
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            scale = ref[n].abs().max().clamp(min=1e-12)
+            grad = p.grad if p.grad is not None else torch.zeros_like(p)  # unused in forward
+            err = ((grad - ref[n]).abs().max() / scale).item()
+            assert err < tol, (len(targets), n, err)
+    got = pm.per_sample_norms
+    assert torch.allclose(got.to(norms.dtype), norms, rtol=tol * 10, atol=1e-12)
+    LAST["report"] = pm.last_report
+
+
+def loop_reference(model, inputs, targets, C):
+    """Per-sample gradients by one backward per sample (torch.func cannot vmap nn.LSTM or a
+    bool-mask index_put), then fxclip's contract: (1/B) sum_i R_i grad_i and the norms."""
+    grads = []
+    for i in range(targets.shape[0]):
+        m = copy.deepcopy(model)
+        mse(m(*(t[i:i + 1] for t in inputs)), targets[i:i + 1]).backward()
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.requires_grad})
+    norms = torch.stack([sum(g.square().sum() for g in gi.values()).sqrt() for gi in grads])
+    factor = (C / (norms + 1e-6)).clamp(max=1.0)
+    expected = {n: sum(f * gi[n] for f, gi in zip(factor, grads)) / len(grads) for n in grads[0]}
+    return expected, norms
+
+
+def check_against_loop(model, inputs, compiled=False, C=0.5):
+    """run_check's exactness test with the loop reference; returns {parameter: rule}."""
+    model = model.to(D)
+    reference_model = copy.deepcopy(model)
+    pm = fxclip.privatize(model, max_grad_norm=C)
+    out = (torch.compile(pm) if compiled else pm)(*inputs)
+    targets = torch.randn_like(out)
+    mse(out, targets).backward()
+    expected, norms = loop_reference(reference_model, inputs, targets, C)
+    assert (C / norms).min() < 1
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert (p.grad - expected[n]).abs().max() < 1e-9 * expected[n].abs().max(), n
+    assert torch.allclose(pm.per_sample_norms.to(D), norms, rtol=1e-8)
+    LAST["report"] = pm.last_report
+    return {r.name: r.rule for r in pm.last_report.params}
