@@ -525,7 +525,8 @@ class Explanation:
 
     def decline_lines(self) -> list[str]:
         """Why each parameter off its best rule is there: every rule that applied and declined."""
-        lines = [f"  {row['name']} ({row['rule']}): " + "; ".join(f"{d['rule']}: {d['reason']}" for d in row["declines"])
+        lines = [f"  {row['name']} ({row['rule']}): " + "; ".join(f"{d['rule']}: {d['reason']}"
+                                                                for d in row["declines"])
                  for row in self.rows() if row["declines"] and row["fallback"]]
         return ["", "why not a cheaper rule:"] + lines if lines else []
 

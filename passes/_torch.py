@@ -363,9 +363,6 @@ def joint_graphs_on_fake_device(module, inputs, device: str, joint_pass) -> list
             fakes = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device)
                      .requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t
                      for t in example_inputs]
-        for real, fake in zip(example_inputs, fakes):
-            if isinstance(real, torch.nn.Parameter):
-                fake = torch.nn.Parameter(fake, requires_grad=real.requires_grad)
         compiled = aot_autograd(fw_compiler=nop, bw_compiler=nop, partition_fn=partition,
                                 decompositions=inductor_decompositions())
         return compiled(gm, fakes)

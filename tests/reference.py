@@ -19,7 +19,7 @@ def per_sample_grads(model, inputs, targets, loss_fn):
 
 
 def per_sample_reference(model, inputs, targets, loss_fn, max_grad_norm, loss_reduction="mean"):
-    """(expected .grad per parameter, per-sample norms) under fxclip's contract (design.md §2).
+    """(expected .grad per parameter, per-sample norms) under fxclip's contract (README.md, "Use").
 
     `inputs` is a tuple of batched tensors; loss_fn(out, y) is the loss of ONE sample
     (a batch of one), reduced to a scalar.

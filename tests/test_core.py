@@ -1,4 +1,4 @@
-"""The contract of design.md §2 on MLPs, sequence models and fallback-only parameters."""
+"""The contract (README.md, "Use") on MLPs, sequence models and fallback-only parameters."""
 import pytest
 import torch
 import torch.nn.functional as F

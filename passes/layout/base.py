@@ -129,7 +129,7 @@ def _val(v):
 def _one(lays):
     """The layout all of `lays` share, else None (lists: symbolic layouts are unhashable)."""
     lays = list(lays)
-    return lays[0] if lays and all(l == lays[0] for l in lays[1:]) else None
+    return lays[0] if lays and all(lay == lays[0] for lay in lays[1:]) else None
 
 
 def _dim(d, ndim):

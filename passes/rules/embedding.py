@@ -244,7 +244,8 @@ def match(contribution, ctx):
             return Decline("the ids and the values are batched differently")
     elif isinstance(ids_lay, Layout):
         return Decline("the ids are batched but the values are summed over the batch")
-    if not same_shape(vshape[:-1], ids.meta["val"].shape) and not (src.summed and len(vshape) == ids.meta["val"].dim() + 1):
+    ids_shape = ids.meta["val"].shape
+    if not same_shape(vshape[:-1], ids_shape) and not (src.summed and len(vshape) == len(ids_shape) + 1):
         return Decline("the values do not have the ids' shape plus one dim")
     batch = ctx.batch_hint
     T = size_hint(ids.meta["val"].numel()) // (batch if isinstance(ids_lay, Layout) else 1)

@@ -162,17 +162,17 @@ def shared_norm_sq(routes, ctx):
     terms = [r.norm_sq(ctx) for r in routes]
     slots = [cat_slots(r.contribution) for r in routes]
     for k in range(len(routes)):
-        for l in range(k + 1, len(routes)):
-            if any(slots[l].get(cat, part) is not part for cat, part in slots[k].items()):
+        for j in range(k + 1, len(routes)):
+            if any(slots[j].get(cat, part) is not part for cat, part in slots[k].items()):
                 continue  # different slices of one cat: disjoint, no cross term
-            fk, fl = factors[k], factors[l]
-            ghost_pair = "ghost" in (routes[k].strategy, routes[l].strategy)
-            if fk is not None and fl is not None and ghost_pair and (fk.rows, fk.cols) == (fl.rows, fl.cols):
-                terms.append(_cross(b, fk, fl))
+            fk, fj = factors[k], factors[j]
+            ghost_pair = "ghost" in (routes[k].strategy, routes[j].strategy)
+            if fk is not None and fj is not None and ghost_pair and (fk.rows, fk.cols) == (fj.rows, fj.cols):
+                terms.append(_cross(b, fk, fj))
             else:
-                for r in (routes[k], routes[l]):
+                for r in (routes[k], routes[j]):
                     r.cross_instantiated = True
-                terms.append(b.call(_dot, ctx.per_sample(routes[k]), ctx.per_sample(routes[l])))
+                terms.append(b.call(_dot, ctx.per_sample(routes[k]), ctx.per_sample(routes[j])))
     n_own = len(routes)
 
     def total(*ts):
