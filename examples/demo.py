@@ -10,6 +10,7 @@ per step of the private vs the plain torch.compile'd training step.
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -32,7 +33,7 @@ def parse_args():
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--lr", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timing-steps", type=int, default=100)
+    p.add_argument("--timing-steps", type=int, default=300)
     return p.parse_args()
 
 
@@ -108,19 +109,29 @@ def train_plain(args, train, test):
     return model, step_model, opt
 
 
-def time_step(step_model, opt, x, y, n, private):
-    """Seconds per full training step (zero_grad, forward, backward, optimizer step), warm."""
+def training_step(step_model, opt, x, y, private):
+    """One full training step (zero_grad, forward, backward, optimizer step) on a fixed batch."""
     def step():
         opt.zero_grad()
         (step_model(x, target=y).mean() if private else F.cross_entropy(step_model(x), y)).backward()
         opt.step()
+    return step
 
-    for _ in range(5):
-        step()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        step()
-    return (time.perf_counter() - t0) / n
+
+def time_steps(steps: dict, n: int, per_round: int = 10) -> dict:
+    """Median seconds per step of each warm step function, timed in interleaved rounds of
+    `per_round` steps (alternating order), so that load from elsewhere hits both alike."""
+    for step in steps.values():
+        for _ in range(5):
+            step()
+    rounds = {name: [] for name in steps}
+    for r in range(max(1, n // per_round)):
+        for name in (list(steps) if r % 2 == 0 else list(steps)[::-1]):
+            t0 = time.perf_counter()
+            for _ in range(per_round):
+                steps[name]()
+            rounds[name].append((time.perf_counter() - t0) / per_round)
+    return {name: statistics.median(ts) for name, ts in rounds.items()}
 
 
 def main():
@@ -138,8 +149,10 @@ def main():
     g = torch.Generator().manual_seed(args.seed)
     x = torch.rand(args.batch_size, 64, generator=g)
     y = torch.randint(0, 10, (args.batch_size,), generator=g)
-    t_private = time_step(private_step, dp_opt, x, y, args.timing_steps, private=True)
-    t_plain = time_step(plain_step, plain_opt, x, y, args.timing_steps, private=False)
+    t = time_steps({"private": training_step(private_step, dp_opt, x, y, private=True),
+                    "plain": training_step(plain_step, plain_opt, x, y, private=False)},
+                   args.timing_steps)
+    t_private, t_plain = t["private"], t["plain"]
 
     print()
     print(f"digits: {len(train)} train / {len(test[1])} test images, {args.epochs} epochs, "

@@ -17,14 +17,18 @@ from __future__ import annotations
 import math
 import os
 from collections import OrderedDict
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
-from .passes import PrivacyError, _torch
+from .passes import _torch
 from .passes.protocol import DeviceState
 from .passes.refusals import refusal
+
+if TYPE_CHECKING:
+    from .accounting import Accountant
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 NOISE_CHUNK = 1 << 18  # noise values drawn at a time (1 MB in float32)
@@ -76,6 +80,26 @@ def secure_normal(shape, *, dtype=torch.float64) -> torch.Tensor:
     r = np.sqrt(-2.0 * np.log(u[0]))
     z = np.concatenate([r * np.cos(2 * np.pi * u[1]), r * np.sin(2 * np.pi * u[1])])[:n]
     return torch.from_numpy(z).reshape(shape).to(dtype)
+
+
+def _noise_runs(accs: list, chunk: int):
+    """The accumulators' noise draws, grouped into runs of at most `chunk` values. A draw is one
+    parameter's own piece (the whole tensor, or its flat values cut every `chunk` values), as in
+    the per-parameter stream; each run is drawn into one buffer and added by one fused op. A run
+    never mixes dtypes or devices; a non-contiguous tensor is drawn whole, by shape."""
+    run, room = [], chunk
+    for acc in accs:
+        pieces = (acc,) if acc.numel() <= chunk or not acc.is_contiguous() else acc.view(-1).split(chunk)
+        for piece in pieces:
+            if piece.numel() == 0:
+                continue
+            if run and (piece.numel() > room or (piece.dtype, piece.device) != (run[0].dtype, run[0].device)):
+                yield run
+                run, room = [], chunk
+            run.append(piece)
+            room -= piece.numel()
+    if run:
+        yield run
 
 
 def _delegated(name: str) -> property:
@@ -243,37 +267,62 @@ class DPOptimizer(torch.optim.Optimizer):
 
     # --- the DP step ---
     def _noise(self, p: torch.Tensor, std: float) -> torch.Tensor:
+        """N(0, std^2) shaped like p, never in 16 bits (adaptive clipping and the distributed
+        optimizer draw one tensor at a time)."""
         dtype = torch.float32 if p.dtype in _LOW_PRECISION else p.dtype
-        if self.secure_rng:
-            z = secure_normal(p.shape)
-        elif self.generator is not None:
-            z = torch.randn(p.shape, generator=self.generator, device=self.generator.device, dtype=dtype)
-        else:
-            z = torch.randn(p.shape, device=p.device, dtype=dtype)
-        return z.to(device=p.device, dtype=dtype).mul_(std)  # in place: no second gradient-sized buffer
+        return self._standard_normal_pieces([p.numel()], dtype, p.device).view(p.shape).mul_(std)
 
     def _add_noise_(self, acc: torch.Tensor, std: float) -> None:
         """acc += N(0, std^2), drawn in chunks so that at most NOISE_CHUNK noise values exist
         beside the gradient at a time (no second gradient-sized buffer)."""
-        flat = acc.view(-1) if acc.is_contiguous() else acc
-        for chunk in (flat.split(NOISE_CHUNK) if flat.dim() == 1 else (flat,)):
-            chunk.add_(self._noise(chunk, std))
+        self._add_noise_all_([acc], std)
+
+    def _add_noise_all_(self, accs: list, std: float) -> None:
+        """acc += N(0, std^2) for every accumulator. The values are those of one draw per
+        parameter (per NOISE_CHUNK piece of a larger one) in optimizer order, as before; they are
+        drawn into one buffer per run of NOISE_CHUNK values and scaled and added by one op each
+        instead of several small ops per parameter. At most NOISE_CHUNK noise values exist
+        beside the gradients (no second gradient-sized buffer)."""
+        for run in _noise_runs(accs, NOISE_CHUNK):
+            sizes = [t.numel() for t in run]
+            z = self._standard_normal_pieces(sizes, run[0].dtype, run[0].device).mul_(std)
+            torch._foreach_add_(run, [zi.view(t.shape) for zi, t in zip(z.split(sizes), run)])
+
+    def _standard_normal_pieces(self, sizes: list, dtype: torch.dtype, device) -> torch.Tensor:
+        """N(0, 1) values in one flat buffer, each piece of `sizes` its own draw: the values of
+        torch.randn(n) per piece, so the seeded stream is the per-parameter one."""
+        if self.secure_rng:
+            return secure_normal((sum(sizes),)).to(device, dtype)
+        z = torch.empty(sum(sizes), dtype=dtype,
+                        device=device if self.generator is None else self.generator.device)
+        for piece in z.split(sizes):
+            piece.normal_(generator=self.generator)
+        return z.to(device)
 
     @torch.no_grad()
     def add_noise(self) -> None:
         """Turns each .grad from the clipped sum into the noised update gradient (in place)."""
         std = self.noise_multiplier * self.max_grad_norm
         scale = 1.0 / self.expected_batch_size if self.loss_reduction == "mean" else 1.0
-        for p in self._params:
-            g = p.grad
-            if g is not None and g.is_sparse:
-                raise RuntimeError("sparse gradients are not supported by DPOptimizer")
-            wide = torch.float32 if p.dtype in _LOW_PRECISION else p.dtype  # noise never in 16 bits
-            # the clipped sum is ours to overwrite: noise and scale it in place
-            acc = torch.zeros_like(p, dtype=wide) if g is None else g if g.dtype == wide else g.to(wide)
-            self._add_noise_(acc, std)
-            acc.mul_(scale)
-            p.grad = acc.to(p.dtype)
+        accs = [self._accumulator(p) for p in self._params]
+        self._add_noise_all_(accs, std)
+        if scale != 1.0:
+            torch._foreach_mul_(accs, scale)
+        for p, acc in zip(self._params, accs):
+            if acc is not p.grad:
+                p.grad = acc.to(p.dtype)
+
+    @staticmethod
+    def _accumulator(p: torch.Tensor) -> torch.Tensor:
+        """p's clipped sum in a dtype the noise is added in (never 16 bits): .grad itself where
+        it has that dtype (ours to overwrite in place), else a copy, zeros without a gradient."""
+        g = p.grad
+        if g is not None and g.is_sparse:
+            raise RuntimeError("sparse gradients are not supported by DPOptimizer")
+        wide = torch.float32 if p.dtype in _LOW_PRECISION else p.dtype
+        if g is None:
+            return torch.zeros_like(p, dtype=wide)
+        return g if g.dtype == wide else g.to(wide)
 
     def step(self, closure=None):
         loss = None

@@ -12,6 +12,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data import default_collate as _default_collate
 
+MASK_BLOCK = 1 << 20  # membership draws per block of batches (4 MB of uniforms at a time)
+
 
 class PoissonBatchSampler(Sampler[list[int]]):
     """Yields `num_batches` index lists; index j is in each list with probability `sample_rate`."""
@@ -32,9 +34,23 @@ class PoissonBatchSampler(Sampler[list[int]]):
         return self.num_batches
 
     def __iter__(self) -> Iterator[list[int]]:
-        for _ in range(self.num_batches):
-            mask = torch.rand(self.num_samples, generator=self.generator) < self.sample_rate
-            yield mask.nonzero().flatten().tolist()
+        left = self.num_batches
+        while left > 0:
+            k = max(1, min(left, MASK_BLOCK // self.num_samples))
+            yield from self._draw(k)
+            left -= k
+
+    def _draw(self, k: int) -> Iterator[list[int]]:
+        """k batches from one (k, n) draw: a few tensor ops per k batches instead of per batch.
+        The uniforms are those of k draws of n, so a generator of its own gives the same
+        batches as one draw per batch; a generator shared with the noise is read in blocks."""
+        mask = torch.rand(k, self.num_samples, generator=self.generator) < self.sample_rate
+        rows, cols = mask.nonzero(as_tuple=True)
+        cols = cols.tolist()
+        start = 0
+        for count in torch.bincount(rows, minlength=k).tolist():
+            yield cols[start:start + count]
+            start += count
 
 
 class _EmptyAwareCollate:

@@ -1,0 +1,205 @@
+"""The whole training step, private vs plain: loader, zero_grad, forward+backward, optimizer step.
+
+    python -m bench.whole_step                          # digits, mlp, gpt -> results/whole_step.json
+    python -m bench.whole_step --models digits --rounds 5 --no-save
+    python -m bench.whole_step --models digits --profile   # + torch.profiler table of the private step
+
+The other benchmarks time forward+backward only. A user times the loop below, so this one does:
+
+    private: for x, y in poisson_loader:  opt.zero_grad(); pm(x, target=y).mean().backward(); opt.step()
+    plain:   for x, y in loader:          opt.zero_grad(); loss(model(x), y).mean().backward(); opt.step()
+
+`private` is fxclip.make_private(model, SGD, loader, noise_multiplier=1.0, max_grad_norm=1.0) with
+its Poisson loader (expected batch B) and DPOptimizer (state read, noise, accountant); `plain` a
+shuffled DataLoader of batch B and plain SGD. Both models (with the loss) are torch.compile'd.
+Each phase of each step is timed on its own (perf_counter around it; CPU ops are synchronous), so
+the breakdown says where the private step's extra time goes.
+
+Timing: both variants built and warmed up (compilation, the dynamic-shape recompile) in one
+process, then timed in interleaved rounds (order alternating); per round the mean per step; the
+tables quote the median and the min over rounds, and their ratios private / plain.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import fxclip
+
+from .models import MODELS, PerSampleCE
+
+PHASES = ("loader", "zero_grad", "fwd_bwd", "opt_step")
+VARIANTS = ("private", "plain")
+# model -> (expected batch size, dataset size): digits as in examples/demo.py (1347 training images)
+SETUPS = {"digits": (64, 1347), "mlp": (16, 512), "gpt": (16, 256)}
+RESULTS = Path(__file__).parent / "results" / "whole_step.json"
+
+
+class _WithLoss(nn.Module):
+    """The model and its per-sample loss, compiled together as make_private's loss_fn is."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.loss = PerSampleCE("none")
+
+    def forward(self, x, target):
+        return self.loss(self.model(x), target)
+
+
+def _forever(loader):
+    while True:
+        yield from loader
+
+
+class Stepper:
+    """One variant's training loop, a step at a time, each phase timed."""
+
+    def __init__(self, loader, opt, fwd_bwd):
+        self.batches = _forever(loader)
+        self.opt = opt
+        self.fwd_bwd = fwd_bwd
+
+    def step(self) -> list[float]:
+        clock = time.perf_counter
+        t0 = clock()
+        x, y = next(self.batches)
+        t1 = clock()
+        self.opt.zero_grad()
+        t2 = clock()
+        if len(y):  # an empty Poisson batch has no loss; step() still adds noise and counts
+            self.fwd_bwd(x, y)
+        t3 = clock()
+        self.opt.step()
+        t4 = clock()
+        return [t1 - t0, t2 - t1, t3 - t2, t4 - t3]
+
+
+def _dataset(name: str, size: int, seed: int) -> TensorDataset:
+    return TensorDataset(*MODELS[name].make_batch(size, torch.Generator().manual_seed(seed)))
+
+
+def _model(name: str, seed: int) -> nn.Module:
+    torch.manual_seed(seed)  # both variants start from the same weights
+    return MODELS[name].build()
+
+
+def build_private(name: str, dataset, batch: int, seed: int) -> Stepper:
+    model = _model(name, seed)
+    pm, opt, loader = fxclip.make_private(
+        model, torch.optim.SGD(model.parameters(), lr=0.05), DataLoader(dataset, batch_size=batch),
+        noise_multiplier=1.0, max_grad_norm=1.0, loss_fn=PerSampleCE("none"),
+        generator=torch.Generator().manual_seed(seed))
+    run = torch.compile(pm)
+    return Stepper(loader, opt, lambda x, y: run(x, target=y).mean().backward())
+
+
+def build_plain(name: str, dataset, batch: int, seed: int) -> Stepper:
+    model = _model(name, seed)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    # drop_last: every plain batch has B rows, the Poisson batches B on average
+    loader = DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True,
+                        generator=torch.Generator().manual_seed(seed))
+    run = torch.compile(_WithLoss(model))
+    return Stepper(loader, opt, lambda x, y: run(x, y).mean().backward())
+
+
+def _summary(rounds: list[list[float]]) -> dict:
+    """Per phase and in total: median and min over rounds of the mean seconds per step."""
+    columns = {ph: [r[i] for r in rounds] for i, ph in enumerate(PHASES)}
+    columns["total"] = [sum(r) for r in rounds]
+    return {k: {"median_ms": 1e3 * statistics.median(v), "min_ms": 1e3 * min(v)}
+            for k, v in columns.items()}
+
+
+def measure(name: str, rounds: int, steps: int, warmup: int, seed: int = 0) -> dict:
+    batch, size = SETUPS[name]
+    dataset = _dataset(name, size, seed)
+    steppers = {"private": build_private(name, dataset, batch, seed),
+                "plain": build_plain(name, dataset, batch, seed)}
+    for s in steppers.values():
+        for _ in range(warmup):
+            s.step()
+    per_round = {v: [] for v in VARIANTS}
+    for r in range(rounds):
+        for v in (VARIANTS if r % 2 == 0 else VARIANTS[::-1]):
+            times = [steppers[v].step() for _ in range(steps)]
+            per_round[v].append([sum(col) / steps for col in zip(*times)])
+    out = {"model": name, "expected_batch": batch, "dataset": size, "rounds": rounds,
+           "steps_per_round": steps, "phases": {v: _summary(per_round[v]) for v in VARIANTS}}
+    p, q = out["phases"]["private"]["total"], out["phases"]["plain"]["total"]
+    out["ratio"] = {"median": p["median_ms"] / q["median_ms"], "min": p["min_ms"] / q["min_ms"]}
+    return out
+
+
+def profile_private(name: str, steps: int, seed: int = 0, rows: int = 15) -> list[dict]:
+    """torch.profiler over `steps` warm private steps: the ops by self CPU time, per step."""
+    batch, size = SETUPS[name]
+    stepper = build_private(name, _dataset(name, size, seed), batch, seed)
+    for _ in range(20):
+        stepper.step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            stepper.step()
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:rows]
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+    return [{"op": e.key, "calls_per_step": e.count / steps,
+             "self_us_per_step": e.self_cpu_time_total / steps} for e in events]
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| model | B | private ms (median / min) | plain ms (median / min) | ratio median | ratio min |",
+             "|---|---|---|---|---|---|"]
+    for r in results:
+        p, q = r["phases"]["private"]["total"], r["phases"]["plain"]["total"]
+        lines.append(f"| {r['model']} | {r['expected_batch']} | {p['median_ms']:.3f} / {p['min_ms']:.3f} "
+                     f"| {q['median_ms']:.3f} / {q['min_ms']:.3f} | {r['ratio']['median']:.2f}x "
+                     f"| {r['ratio']['min']:.2f}x |")
+    lines += ["", "| model | phase | private ms | plain ms | extra ms |", "|---|---|---|---|---|"]
+    for r in results:
+        for ph in PHASES:
+            p = r["phases"]["private"][ph]["median_ms"]
+            q = r["phases"]["plain"][ph]["median_ms"]
+            lines.append(f"| {r['model']} | {ph} | {p:.3f} | {q:.3f} | {p - q:+.3f} |")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=list(SETUPS), choices=list(SETUPS))
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--steps", type=int, default=0, help="steps per round (default: per model)")
+    ap.add_argument("--warmup", type=int, default=30)
+    ap.add_argument("--profile", action="store_true", help="also profile the private step")
+    ap.add_argument("--no-save", action="store_true")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1: steadier on a shared machine)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    results = []
+    for name in args.models:
+        steps = args.steps or {"digits": 50, "mlp": 5, "gpt": 5}[name]
+        r = measure(name, args.rounds, steps, args.warmup)
+        if args.profile:
+            r["profile_private"] = profile_private(name, steps=max(steps, 20))
+        results.append(r)
+        print(table([r]), flush=True)
+    print()
+    print(table(results))
+    if not args.no_save:
+        meta = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                "note": "CPU, shared 2-core machine; mean per step within a round, median/min over rounds"}
+        args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
