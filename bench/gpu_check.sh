@@ -11,6 +11,8 @@
 #   DEVICE=cpu MODELS="mlp gpt" BATCH_MLP=8 BATCH_GPT=4 CONF_MODELS="mlp bilinear" CHECK_MODELS=mlp \
 #     CHECK_BS_MLP=4 MEM_MODELS=mlp THREADS=2 TOTAL=3600 T_CONF=900 T_CHECK=500 T_MEM=400 \
 #     bash bench/gpu_check.sh
+# Then the BERT table (bench/bert_table.py: plain, fxclip, Opacus vanilla/FGC/ghost, B = 32..2048,
+# T = 128, peak CUDA memory and s/step) -> $RES/bert_table.{json,png}; BERT=0 skips it.
 # COPY_TO=DIR copies the results folder into DIR at the end (e.g. a device runner's output folder).
 # Exit status: 1 if a conformance check or a gradient check failed, 2 if nothing could run, else 0.
 set -u
@@ -33,6 +35,14 @@ CHECK_MODELS=${CHECK_MODELS:-"gpt mlp"}       # bf16 and float32 rows vs float64
 CHECK_BS_MLP=${CHECK_BS_MLP:-16}
 MEM_MODELS=${MEM_MODELS:-"mlp gpt"}           # torch.cuda.max_memory_allocated, one process per row
 MEM_CONFIGS=${MEM_CONFIGS:-"plain_compiled fxclip_compiled"}
+# the Opacus ghost-clipping post's BERT table (bench/bert_table.py) at GPU batch sizes, after the
+# phases above and with its own time limit T_BERT (not part of TOTAL); BERT=0 leaves it out
+BERT=${BERT:-1}
+BERT_BATCH=${BERT_BATCH:-"32 512 2048"}            # the post: 32 128 512 1024 2048 (T_BERT ~900)
+BERT_SEQ=${BERT_SEQ:-128}                      # the tutorial's MAX_SEQ_LENGTH
+BERT_VARIANTS=${BERT_VARIANTS:-"plain_compiled fxclip_compiled opacus_ghost opacus_fgc opacus_hooks plain_eager fxclip_eager"}
+BERT_INST_GB=${BERT_INST_GB:-60}               # vanilla DP-SGD's per-sample gradients up to this size
+T_BERT=${T_BERT:-300}
 ROUNDS=${ROUNDS:-3}
 TARGET_S=${TARGET_S:-0.05}                    # timed seconds per configuration per round
 THREADS=${THREADS:-8}
@@ -150,6 +160,16 @@ for p in sorted(out.glob("*.json")):
                  for c, d in row.items() if isinstance(d, dict)]
         print(f"{r['model']} B={bs}: " + "; ".join(cells))
 EOF
+if [ "$BERT" = 1 ]; then
+  phase "BERT table: B = $BERT_BATCH, T = $BERT_SEQ (limit $T_BERT s)"
+  # one fresh process per (variant, B); no process starts after T_BERT - 60 s, none runs past 120 s
+  timeout "$T_BERT" $PY -W ignore -m bench.bert_table --device "$DEVICE" --threads "$THREADS" \
+    --batch-sizes $BERT_BATCH --seq-len "$BERT_SEQ" --variants $BERT_VARIANTS --warmup 2 --steps 5 \
+    --max-inst-gb "$BERT_INST_GB" --deadline-s $(( T_BERT - 60 )) --cap-s 120 --cache-dir "$CACHE" \
+    2>&1 | tail -n 20
+  [ ${PIPESTATUS[0]} -eq 124 ] && echo "BERT table: stopped at $T_BERT s (results so far in $RES/bert_table.json)"
+fi
+
 [ -n "${COPY_TO:-}" ] && mkdir -p "$COPY_TO" && cp -r "$RES" "$COPY_TO/"
 echo "wrote $RES/ (RESULTS.md, conformance.json)${COPY_TO:+, copied to $COPY_TO}; total $(( $(date +%s) - t0 )) s; $([ $fail -eq 0 ] && echo ALL PASSED || echo FAILURES ABOVE)"
 exit $fail
