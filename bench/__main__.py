@@ -107,7 +107,7 @@ def _git_state() -> dict:
             return ""
     dirty = git("status", "--porcelain", "--", "fxclip", "passes")
     return {"commit": git("rev-parse", "--short", "HEAD").strip(),
-            "uncommitted_fxclip_changes": [l[3:] for l in dirty.splitlines() if not l.startswith("??")]}
+            "uncommitted_fxclip_changes": [line[3:] for line in dirty.splitlines() if not line.startswith("??")]}
 
 
 def _snapshot(rev: str) -> tuple[str, dict]:
@@ -217,15 +217,17 @@ def main(argv=None):
                 "date": datetime.datetime.now().isoformat(timespec="seconds"),
             })
             try:
-                import torch  # noqa: F401  (versions only)
-                import opacus
                 from importlib.metadata import version
+
+                import opacus
+                import torch  # noqa: F401  (versions only)
                 res["versions"] = {"torch": torch.__version__, "opacus": opacus.__version__,
                                    "opake": version("opake")}
             except Exception:
                 pass
-            from .models import n_params
             import torch
+
+            from .models import n_params
             torch.manual_seed(0)
             res["n_params"] = n_params(MODELS[m].build())
             res["code"] = code
@@ -260,8 +262,8 @@ def main(argv=None):
                 for bs in bss:
                     for c in a.configs:
                         bar.set_postfix_str(f"{m} B={bs} {c} mem")
-                        r = _worker(["mem", "--model", m, "--device", a.device, "--batch-sizes", str(bs), "--configs", c,
-                                     "--steps", str(a.mem_steps), "--threads", str(a.threads),
+                        r = _worker(["mem", "--model", m, "--device", a.device, "--batch-sizes", str(bs),
+                                     "--configs", c, "--steps", str(a.mem_steps), "--threads", str(a.threads),
                                      "--max-inst-gb", str(a.max_inst_gb)], env, log, a.timeout)
                         res["mem"].setdefault(str(bs), {})[c] = r
                         bar.update(1)

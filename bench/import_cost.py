@@ -111,7 +111,8 @@ def main(argv=None):
     out.write_text(json.dumps(stored, indent=1) + "\n")
     t, m = result["import_fxclip_after_torch_s"], result["import_fxclip_after_torch_rss_mb"]
     print(f"torch {result['torch']}: import fxclip after torch: {t['median']:.3f} s median ({t['min']:.3f} min), "
-          f"+{m['median']:.1f} MB RSS median ({m['min']:.1f} min); import torch {result['import_torch_s']['median']:.2f} s")
+          f"+{m['median']:.1f} MB RSS median ({m['min']:.1f} min); "
+          f"import torch {result['import_torch_s']['median']:.2f} s")
     print(f"loaded by fxclip: {', '.join(result['heavy_modules_loaded_by_fxclip']) or 'none of the heavy ones'}")
     return result
 

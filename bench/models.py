@@ -8,7 +8,6 @@ configuration computes ``sum_i R_i * grad L_i`` with ``R_i = min(1, C / (||grad 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-
 from .configs import BASELINE, CONFIGS, OPAKE_MICROBATCH_GB
 from .models import MODELS
+
+HERE = Path(__file__).resolve().parent
 
 ORDER = list(CONFIGS)
 STYLE = {  # colour, marker, linestyle
@@ -128,7 +128,8 @@ def check_table(r) -> list[str]:
         if d is None:
             continue
         if "error" in d:
-            lines.append(f"| {CONFIGS[c].label} | | `{_short(d['error'], 90)}` | | {'skipped' if d.get('skipped') else 'ERROR'} |")
+            lines.append(f"| {CONFIGS[c].label} | | `{_short(d['error'], 90)}` | | "
+                         f"{'skipped' if d.get('skipped') else 'ERROR'} |")
             continue
         lines.append(f"| {CONFIGS[c].label} | {d['against']} | {d['rel_err']:.1e} | "
                      f"{_cell(d, 'norms_rel_err', '{:.1e}')} | {'yes' if d['ok'] else '**NO**'} |")
@@ -159,23 +160,23 @@ def summary(res) -> list[str]:
             t = r.get("time", {}).get(bs, {})
             mm = r.get("mem", {}).get(bs, {})
 
-            def ms(c):
+            def ms(c, t=t):
                 return t.get(c, {}).get("median_ms")
 
-            def mn(c):
+            def mn(c, t=t):
                 return t.get(c, {}).get("min_ms")
 
-            def mem(c):
+            def mem(c, mm=mm):
                 return mm.get(c, {}).get("steady_peak_growth_mb")
 
-            def ratio(a, b, err_of=None):
+            def ratio(a, b, err_of=None, r=r, bs=bs):
                 if a is not None and b:
                     return f"{a / b:.2f}x"
                 if err_of and _errors_for(r, bs, err_of):
                     return "error"
                 return "—"
 
-            def both(a, b):
+            def both(a, b, r=r, bs=bs, ms=ms, mn=mn):
                 for c in (a, b):
                     if ms(c) is None and _errors_for(r, bs, c):
                         return f"{CONFIGS[c].label}: error"
@@ -185,9 +186,10 @@ def summary(res) -> list[str]:
                 noisy = any(ms(c) > 1.5 * mn(c) for c in (a, b))
                 return x + (" †" if noisy else "")
 
+            mem_ratio = ratio(mem("fxclip_compiled"), mem("plain_compiled"), "fxclip_compiled")
             lines.append(
                 f"| {m} | {bs} | {both('fxclip_compiled', 'plain_compiled')} | "
-                f"{ratio(mem('fxclip_compiled'), mem('plain_compiled'), 'fxclip_compiled').replace('error', 'fxclip compiled: error')} | "
+                f"{mem_ratio.replace('error', 'fxclip compiled: error')} | "
                 f"{both('opacus_ghost', 'fxclip_compiled')} | "
                 f"{both('opake_compiled', 'fxclip_compiled')} | "
                 f"{both('fxclip_eager', 'plain_eager')} |"
@@ -273,10 +275,10 @@ def plot(r, path: Path):
         ax.grid(True, which="both", alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
     for ax in axes[1:]:
-        for h, l in zip(*ax.get_legend_handles_labels()):
-            if l not in labels:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            if label not in labels:
                 handles.append(h)
-                labels.append(l)
+                labels.append(label)
     no_result = [CONFIGS[c].label for c in ORDER if c in failed and CONFIGS[c].label not in labels]
     title = f"{r['model']}: {r.get('description', '')}"
     if no_result:

@@ -67,7 +67,7 @@ def measure(batch_size: int = 16) -> dict:
     out = {"model": "mlp 5120-2560-1280", "batch_size": batch_size,
            "gradient_mb": sum(p.numel() for p in base.parameters()) * 4 / MB, "configs": {}}
     for name, (model, opt) in _steps(base, x, y).items():
-        def step():
+        def step(model=model, opt=opt):
             F.cross_entropy(model(x), y).backward()
             opt.step()
             opt.zero_grad()

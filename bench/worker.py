@@ -153,7 +153,7 @@ def run_time(model_name, batch_sizes, config_names, rounds, warmup, C, max_inst_
                 _sync(device)
                 first = time.perf_counter() - t0
                 est = None
-                for i in range(max(1, warmup)):  # the last warm-up step estimates the step time
+                for _i in range(max(1, warmup)):  # the last warm-up step estimates the step time
                     if est is not None and est > SLOW_S:
                         break  # slow configurations (seconds per step) need no long warm-up
                     t0 = time.perf_counter()
@@ -188,7 +188,7 @@ def run_time(model_name, batch_sizes, config_names, rounds, warmup, C, max_inst_
                     res[name] = {"error": _err(e)}
                     runners.pop(name)
             order = [n for n in order if n in runners]
-        for name, d in res.items():
+        for _name, d in res.items():
             if "times_s" in d and d["times_s"]:
                 ts = d["times_s"]
                 d["median_ms"] = 1e3 * statistics.median(ts)
@@ -196,7 +196,7 @@ def run_time(model_name, batch_sizes, config_names, rounds, warmup, C, max_inst_
                 q = sorted(ts)
                 d["iqr_ms"] = 1e3 * (q[(3 * len(q)) // 4] - q[len(q) // 4])
         base_ms = res.get(cfgs.BASELINE, {}).get("median_ms")
-        for name, d in res.items():
+        for _name, d in res.items():
             if base_ms and "median_ms" in d:
                 d["ratio"] = d["median_ms"] / base_ms
         out[str(bs)] = res

@@ -7,10 +7,10 @@ from __future__ import annotations
 import copy
 
 import torch
+from reference import per_sample_reference
 from torch import nn
 
 import fxclip
-from reference import per_sample_reference
 
 D = torch.float64
 

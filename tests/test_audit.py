@@ -15,8 +15,17 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import fxclip
-from fxclip.audit import (GradientCanaries, InputCanaries, audit_scores, audit_training,
-                          count_correct, draw_inclusion, epsilon_lower_bound, p_value, plot_scores)
+from fxclip.audit import (
+    GradientCanaries,
+    InputCanaries,
+    audit_scores,
+    audit_training,
+    count_correct,
+    draw_inclusion,
+    epsilon_lower_bound,
+    p_value,
+    plot_scores,
+)
 
 DELTA = 1e-5
 
@@ -48,7 +57,10 @@ def test_all_correct_with_pure_dp_has_a_closed_form(r):
 def test_delta_term_is_the_theorem_5_2_correction():
     m, r, v, eps, delta = 500, 60, 50, 1.0, 1e-3
     p = math.exp(eps) / (1 + math.exp(eps))
-    f = lambda u: binom.sf(u - 1, r, p)  # P[Binomial(r, p) >= u]
+
+    def f(u):
+        return binom.sf(u - 1, r, p)  # P[Binomial(r, p) >= u]
+
     expected = f(v) + 2 * m * delta * max((f(v - i) - f(v)) / i for i in range(1, v + 1))
     assert p_value(m, r, v, eps, delta) == pytest.approx(expected, rel=1e-12)
     assert p_value(m, r, v, eps, delta) > p_value(m, r, v, eps, 0.0)

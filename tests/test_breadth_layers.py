@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+from helpers import Wrap, check_against_loop, run_check
 
 import fxclip
 from fxclip.passes import rule_counters
 from fxclip.passes.layout import registered_layout_rules
-from helpers import Wrap, check_against_loop, run_check
 
 D = torch.float64
 

@@ -6,11 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+from helpers import LAST, D, check_against_loop, run_check
 
 import fxclip
 from fxclip.passes import rule_counters
-from helpers import LAST, D, check_against_loop, run_check
-
 
 # --- 4. per-step states stacked time-first ---
 

@@ -8,9 +8,9 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
+from helpers import D, run_steps
 
 import fxclip
-from helpers import D, run_steps
 
 # more distinct sizes than Dynamo's recompile limit (8): a graph per size would be refused
 SIZES = tuple(range(2, 12))

@@ -1,13 +1,13 @@
 """The contract under a plain torch.compile(pm): same gradients as eager, one graph, safe caches."""
 import pytest
 import torch
+from helpers import sq_loss
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from reference import per_sample_reference
 from torch import nn
 
 import fxclip
-from helpers import sq_loss
-from reference import per_sample_reference
 
 
 class SeqModel(nn.Module):

@@ -1,15 +1,14 @@
 """The contract (README.md, "Use") on MLPs, sequence models and fallback-only parameters."""
 import pytest
 import torch
-import torch.nn.functional as F
+from helpers import batch_loss, check_step, sq_loss
 from hypothesis import given
 from hypothesis import strategies as st
+from reference import per_sample_reference
 from torch import nn
 
 import fxclip
 from fxclip.passes import rule_counters
-from helpers import batch_loss, check_step, sq_loss
-from reference import per_sample_reference
 
 
 class Scaled(nn.Module):

@@ -3,12 +3,11 @@ gradient's mm, so only the Grams' work is weighed against the bmm's overhead."""
 import pytest
 import torch
 import torch.nn as nn
+from helpers import check_step
 
 import fxclip
 from fxclip.passes import rule_counters
 from fxclip.passes.rules import cost
-
-from helpers import check_step
 
 
 def test_instantiation_is_priced_as_a_replacement_of_the_weight_gradient():

@@ -13,13 +13,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
+from test_huggingface import V, _bert, _gpt2, _t5
 from torch import nn
 
 import fxclip
 from fxclip.huggingface import DPTrainer, DPTrainingArguments
 from fxclip.huggingface import losses as L
-
-from test_huggingface import V, _bert, _gpt2, _t5
 
 PAD = 0
 N = 12  # samples; expected batch 4: q = 1/3, 3 steps an epoch

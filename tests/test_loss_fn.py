@@ -5,11 +5,11 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import mlp, mlp_data, sq_loss
+from reference import per_sample_reference
 from torch import nn
 
 import fxclip
-from helpers import mlp, mlp_data, sq_loss
-from reference import per_sample_reference
 
 
 def _per_sample_ce(out, y):

@@ -17,7 +17,6 @@ import contextlib
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
-
 from zoo_check import Float64Islands, check
 from zoo_models import MODELS
 

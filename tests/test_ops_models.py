@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-import fxclip
 from helpers import D, run_check, run_steps
 from test_ops_rules import ConvNet, TextNet, Twice, _tokens
+
+import fxclip
 
 
 class TextCNN(nn.Module):

@@ -6,12 +6,12 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from helpers import LAST, D, run_check
 
 import fxclip
 import fxclip.passes.rules.conv as conv_rule
 import fxclip.passes.rules.embedding as emb_rule
 from fxclip.passes import rule_counters
-from helpers import LAST, D, run_check
 
 
 def _last_graph():

@@ -2,11 +2,11 @@
 gradient sum by at most C, even for inputs scaled by 1e3 (every sample clipped hard)."""
 import pytest
 import torch
+from helpers import sq_loss
+from reference import per_sample_reference
 from torch import nn
 
 import fxclip
-from helpers import sq_loss
-from reference import per_sample_reference
 
 C = 0.5
 

@@ -8,13 +8,13 @@ import textwrap
 
 import pytest
 import torch
+from helpers import Wrap, sq_loss
+from reference import per_sample_reference
+from test_safety_refusals import MutatesParam, Scalar, TwoInputs
 from torch import nn
 
 import fxclip
 from fxclip.passes import rules
-from helpers import Wrap, sq_loss
-from reference import per_sample_reference
-from test_safety_refusals import MutatesParam, Scalar, TwoInputs
 
 
 def test_compiled_mixing_is_refused():
@@ -41,7 +41,8 @@ def test_compiled_bad_inputs_and_outputs_are_refused():
         def forward(self, x, z):
             return self.l(x) + 0 * z.sum()
 
-    with pytest.raises(fxclip.PrivacyError, match="batch size 3 but the first input has batch size 4|batch sizes disagree: input 0: 4, input 1: 3"):
+    with pytest.raises(fxclip.PrivacyError, match="batch size 3 but the first input has batch size 4|"
+                                                  "batch sizes disagree: input 0: 4, input 1: 3"):
         torch.compile(fxclip.privatize(Mismatch(), max_grad_norm=1.0))(
             torch.randn(4, 3), torch.randn(3, 2)).sum().backward()
     cpm = torch.compile(fxclip.privatize(TwoInputs(), max_grad_norm=1.0))

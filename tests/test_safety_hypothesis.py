@@ -2,12 +2,12 @@
 from per-sample ops only are never refused (eager path; few examples under the CI profile)."""
 import pytest
 import torch
+from helpers import Lambda
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import fxclip
-from helpers import Lambda
 
 D = 4
 PER_SAMPLE = {

@@ -4,12 +4,11 @@ import copy
 
 import pytest
 import torch
+from helpers import Wrap, sq_loss
+from reference import per_sample_reference
 from torch import nn
 
 import fxclip
-from helpers import Wrap, sq_loss
-from reference import per_sample_reference
-
 
 MIXERS = {
     "mean0": (lambda h: h - h.mean(0, keepdim=True), "aten::mean"),

@@ -3,11 +3,11 @@ sum a DPOptimizer gets straight from the graph (no gradient hook, no extra gradi
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import per_sample_reference
+from test_real_training import _data, _mlp
 
 import fxclip
 from fxclip.passes.report import rule_counters
-from reference import per_sample_reference
-from test_real_training import _data, _mlp
 
 C = 0.3
 

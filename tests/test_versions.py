@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from reference import per_sample_reference
 from torch import nn
 
 import fxclip
 from fxclip.passes import _torch
-from reference import per_sample_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,7 +26,8 @@ def test_the_tested_range_is_pyprojects():
     assert _torch.TESTED_RANGE == f"torch>={_torch.TESTED_TORCH[0]}.0,<{major}.{int(minor) + 1}"
 
 
-@pytest.mark.parametrize("version,release", [("2.15.0+cu130", "2.15"), ("2.13.0+cpu", "2.13"), ("2.16.0.dev20261101", "2.16")])
+@pytest.mark.parametrize("version,release",
+                         [("2.15.0+cu130", "2.15"), ("2.13.0+cpu", "2.13"), ("2.16.0.dev20261101", "2.16")])
 def test_release_of_a_version(version, release):
     assert _torch.torch_release(version) == release
 
@@ -58,7 +59,8 @@ def test_a_refusal_on_an_untested_torch_names_the_version(monkeypatch, compiled)
     torch._dynamo.reset()
     pm = fxclip.privatize(_batchnorm_model(), max_grad_norm=1.0)
     run = torch.compile(pm) if compiled else pm
-    with pytest.raises(fxclip.PrivacyError, match=r"(?s)aten::var_mean.*BatchNorm1d.*torch 2\.99\.0 is outside") as info:
+    with pytest.raises(fxclip.PrivacyError,
+                       match=r"(?s)aten::var_mean.*BatchNorm1d.*torch 2\.99\.0 is outside") as info:
         run(torch.randn(5, 3)).sum().backward()  # the mixing check still ran: nothing silently wrong
     assert type(info.value).__name__ == "PrivacyError" and isinstance(info.value, RuntimeError)
 

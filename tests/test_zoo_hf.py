@@ -8,12 +8,11 @@ training) must be refused."""
 from __future__ import annotations
 
 import pytest
-import torch
 import torch.nn as nn
-
-import fxclip
 from zoo_check import check
 from zoo_models import MODELS
+
+import fxclip
 
 slow = pytest.mark.slow
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from zoo_models import SIZES
 
 import fxclip
-from zoo_models import SIZES
 
 C = 1e-3  # small enough that every sample is clipped
 

@@ -24,11 +24,16 @@ def reweight(state) -> None:
         new = found[0].reweighted(ctx, clip) if len(found) == 1 else shared_reweighted(found, ctx, clip)
         want = new_outputs[state.grad_slots[param]].meta["val"]
         if new.meta["val"].dtype != want.dtype or not same_shape(new.meta["val"].shape, want.shape):
-            new = builder.call(lambda t, want=want: t.to(want.dtype).reshape(want.shape), new)
+            new = builder.call(_as(want), new)
         new.meta["fxclip"] = {"param": name, "role": "reweight"}
         new_outputs[state.grad_slots[param]] = new
         state.specialized = state.specialized or warn_if_specialized(state.batch_size, name, found)
     output.args = (tuple(new_outputs),) + tuple(output.args[1:])
+
+
+def _as(want):
+    """t -> t in want's dtype and shape (a traced fn takes only tensors: no default arguments)."""
+    return lambda t: t.to(want.dtype).reshape(want.shape)
 
 
 def _zero_gradients(state, new_outputs: list) -> None:
