@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import per_sample_reference
 from torch import nn
 
 import fxclip
 from fxclip.optim import DPOptimizer
-from reference import per_sample_reference
 
 LR, SIGMA, C = 0.5, 1.3, 0.7
 

@@ -6,6 +6,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_grads as _assert_grads
+from helpers import mlp as _mlp  # test_step_overhead imports these two from here
+from helpers import mlp_data as _data
+from reference import per_sample_reference
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -13,9 +17,6 @@ import fxclip
 from fxclip import accounting
 from fxclip.passes import ops, rewrite_joint_graph
 from fxclip.passes.report import rule_counters
-from helpers import assert_grads as _assert_grads
-from helpers import mlp as _mlp, mlp_data as _data  # test_step_overhead imports these two from here
-from reference import per_sample_reference
 
 aten = torch.ops.aten
 
