@@ -4,7 +4,8 @@
     torchrun --nproc_per_node 2 examples/ddp.py --ddp        # torch's DDP machinery (fxclip's subclass)
     torchrun --nproc_per_node 2 examples/ddp.py --compile    # torch.compile'd privatized module
 
-(fxclip.distributed.make_private(model, optimizer, loader, ...) does the same set-up in one call.)
+(fxclip.make_private(model, optimizer, loader, ...) does the same set-up in one call: under
+torchrun it detects the process group.)
 Every rank Poisson-samples its own shard of the dataset (global sample rate q = world_size *
 batch_size / N), clips per sample in its privatized graph, the clipped sums are reduced across
 ranks, the noise N(0, sigma^2 C^2) is added once (by rank 0) and the update is divided by the

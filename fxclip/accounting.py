@@ -151,10 +151,12 @@ class Accountant:
         the event recorded."""
         extra = [float(z) for z in extra_noise_multipliers]
         if extra:
-            if not all(z > 0 and math.isfinite(z) for z in [noise_multiplier, *extra]):
-                raise ValueError(f"noise multipliers must be positive and finite, got "
+            if not all(z >= 0 and math.isfinite(z) for z in [noise_multiplier, *extra]):
+                raise ValueError(f"noise multipliers must be finite and >= 0, got "
                                  f"{[noise_multiplier, *extra]}")
-            noise_multiplier = sum(z ** -2 for z in [noise_multiplier, *extra]) ** -0.5
+            # a release without noise (0) leaves no privacy: the composition is noise 0 too
+            noise_multiplier = 0.0 if 0 in [noise_multiplier, *extra] else \
+                sum(z ** -2 for z in [noise_multiplier, *extra]) ** -0.5
         _check_step(noise_multiplier, sample_rate, steps)
         if self.history and self.history[-1][:2] == (noise_multiplier, sample_rate):
             s, q, n = self.history[-1]

@@ -15,8 +15,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
-
 
 @dataclass
 class AdaptiveClipping:
@@ -56,8 +54,9 @@ class AdaptiveClipping:
         optimizer.noise_multiplier = (z ** -2 - sigma_b ** -2) ** -0.5
 
     def update(self, optimizer, unclipped: float) -> None:
-        """C <- C exp(-lr (noised unclipped fraction - target)), on every privatized part."""
-        noise = float(optimizer._noise(torch.zeros(()), self.count_noise_multiplier))
+        """C <- C exp(-lr (noised unclipped fraction - target)), on every privatized part.
+        `unclipped` is the count over all ranks; its noise is drawn once (the same on every rank)."""
+        noise = optimizer._shared_normal(self.count_noise_multiplier)  # one draw, every rank
         fraction = (unclipped + noise) / optimizer.expected_batch_size
         factor = math.exp(-self.learning_rate * (fraction - self.target_quantile))
         for part in optimizer._parts:

@@ -25,21 +25,18 @@ privatize_blocks, which gives each block b a bound C_b with sqrt(sum_b C_b^2) = 
 from __future__ import annotations
 
 import math
-import os
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
-from torch.utils.data import default_collate as _default_collate
+from torch.utils.data import Dataset
 
-from .accounting import Accountant, noise_multiplier_for
-from .optim import _LOW_PRECISION, DPOptimizer, _privatized_parts, _unwrap
+from .make_private import make_private as _make_private
+from .optim import DPOptimizer, _privatized_parts, _unwrap
 from .passes import _torch
 from .passes.refusals import refusal
 from .privatize import _clipping_groups, privatize
-from .sampling import _EmptyAwareCollate
+from .sampling import PoissonBatchSampler, PoissonDataLoader, rank_generator
 
 __all__ = ["DistributedDataParallel", "DistributedDPOptimizer", "DistributedPoissonBatchSampler",
            "DistributedPoissonDataLoader", "make_private", "privatize_blocks", "rank_generator"]
@@ -52,81 +49,30 @@ def _rank_world(group=None) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def rank_generator(generator: torch.Generator | None, rank: int, stream: int = 0) -> torch.Generator:
-    """A generator for `rank` that is independent of every other rank's.
-
-    From `generator`'s seed (reproducible runs) through numpy's SeedSequence with the rank as
-    spawn key; with generator=None from os.urandom. Identical streams on two ranks would make
-    their Poisson draws (or their noise shards) equal, i.e. correlated, which the accounting
-    and the Gaussian mechanism do not allow; torch.manual_seed(0) on every rank does exactly that.
-    """
-    if generator is None:
-        seed = int.from_bytes(os.urandom(8), "little")
-    else:
-        seed = int(np.random.SeedSequence([generator.initial_seed(), stream], spawn_key=(rank,))
-                   .generate_state(1, np.uint64)[0])
-    device = generator.device if generator is not None else "cpu"
-    return torch.Generator(device=device).manual_seed(seed)
-
-
 # --------------------------------------------------------------------------------------------
-# Poisson sampling per rank
+# Poisson sampling per rank: fxclip.sampling's sampler and loader with rank and world_size
 # --------------------------------------------------------------------------------------------
 
-class DistributedPoissonBatchSampler(Sampler[list[int]]):
-    """Rank `rank`'s part of a Poisson-sampled global batch.
-
-    The dataset is split into disjoint shards (index j belongs to rank j % world_size); each rank
-    includes each of its indices independently with probability q. The union over ranks is then
-    exactly a Poisson sample of the whole dataset with rate q -- what the accountant assumes --
-    as long as the ranks' generators are independent (rank_generator). Every rank yields the
-    same number of batches, some of them possibly empty.
-    """
+class DistributedPoissonBatchSampler(PoissonBatchSampler):
+    """PoissonBatchSampler of `rank`'s disjoint shard, with the GLOBAL sample rate (kept for
+    compatibility; PoissonBatchSampler(..., rank=, world_size=) is the same)."""
 
     def __init__(self, num_samples: int, sample_rate: float, *, rank: int, world_size: int,
                  num_batches: int | None = None, generator: torch.Generator | None = None):
-        if num_samples <= 0:
-            raise ValueError(f"need a non-empty dataset, got {num_samples} samples")
-        if not 0 < sample_rate <= 1:
-            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-        self.num_samples, self.sample_rate = num_samples, sample_rate
-        self.rank, self.world_size = rank, world_size
-        self.indices = torch.arange(rank, num_samples, world_size)
-        self.num_batches = max(1, round(1 / sample_rate)) if num_batches is None else num_batches
-        self.generator = rank_generator(generator, rank)
-
-    def __len__(self) -> int:
-        return self.num_batches
-
-    def __iter__(self):
-        for _ in range(self.num_batches):
-            mask = torch.rand(len(self.indices), generator=self.generator) < self.sample_rate
-            yield self.indices[mask].tolist()
+        super().__init__(num_samples, sample_rate, num_batches, generator, rank=rank,
+                         world_size=world_size)
 
 
-class DistributedPoissonDataLoader(DataLoader):
-    """A DataLoader over this rank's Poisson share of the global batch (empty batches included,
-    as 0-row tensors). `sample_rate` is the GLOBAL rate q; `expected_batch_size` is the global
-    q * len(dataset), which DistributedDPOptimizer divides by."""
+class DistributedPoissonDataLoader(PoissonDataLoader):
+    """PoissonDataLoader over this rank's Poisson share of the global batch; rank and
+    world_size default to the process group's. `sample_rate` is the GLOBAL rate q and
+    `expected_batch_size` the global q * len(dataset), which DistributedDPOptimizer divides by."""
 
     def __init__(self, dataset: Dataset, sample_rate: float, *, rank: int | None = None,
-                 world_size: int | None = None, num_batches: int | None = None,
-                 generator: torch.Generator | None = None, collate_fn=None, **kwargs):
-        for k in ("batch_size", "shuffle", "sampler", "batch_sampler", "drop_last"):
-            if kwargs.get(k) not in (None, False):
-                raise ValueError(f"DistributedPoissonDataLoader chooses its own batches; do not pass {k}=")
-            kwargs.pop(k, None)
+                 world_size: int | None = None, **kwargs):
         if rank is None or world_size is None:
             rank, world_size = _rank_world()
-        sampler = DistributedPoissonBatchSampler(len(dataset), sample_rate, rank=rank,
-                                                 world_size=world_size, num_batches=num_batches,
-                                                 generator=generator)
-        super().__init__(dataset, batch_sampler=sampler,
-                         collate_fn=_EmptyAwareCollate(dataset, collate_fn or _default_collate), **kwargs)
-        self.sample_rate = sample_rate
-        self.expected_batch_size = sample_rate * len(dataset)
+        super().__init__(dataset, sample_rate, rank=rank, world_size=world_size, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,8 +150,8 @@ class DistributedDPOptimizer(DPOptimizer):
 
     - a privatized module (optionally torch.compile'd), no DDP/FSDP: rank 0 adds the noise to its
       local clipped sum, then one all-reduce (SUM) of the gradients, in step();
-    - fxclip.distributed.DistributedDataParallel: DDP summed during backward; rank 0's noise is
-      broadcast in step();
+    - fxclip.distributed.DistributedDataParallel: DDP summed during backward; rank 0 noises its
+      copy of the global sum and broadcasts it in step();
     - a model sharded with fully_shard (DTensor parameters): FSDP2 reduce-scattered during
       backward (this optimizer sets its gradient divide factor to 1 and SUM collectives, i.e. the
       sum); each rank noises
@@ -217,6 +163,10 @@ class DistributedDPOptimizer(DPOptimizer):
     times (a rank with an empty batch still calls step(); it may skip forward/backward except
     under DDP, which needs every rank's backward). In the plain mode the constructor broadcasts
     rank 0's parameters and buffers so the replicas start equal.
+
+    Everything else is DPOptimizer's one implementation; only four methods differ (who adds
+    noise, how the sums are combined, the step's state read summed over the ranks so that every
+    rank refuses or skips the same step, adaptive clipping's count noise drawn once).
 
     Noise: rank 0 draws all of it in the plain and DDP modes (a rank other than 0 never holds
     noise, so no rank can subtract "its" part); `generator` is then rank 0's. secure_rng=True
@@ -269,53 +219,26 @@ class DistributedDPOptimizer(DPOptimizer):
                     [t for t in list(root.parameters()) + list(root.buffers()) if t.numel()],
                     lambda flat: dist.broadcast(flat, src=self._root_rank, group=self.process_group))
 
-    @torch.no_grad()
-    def add_noise(self) -> None:
-        std = self.noise_multiplier * self.max_grad_norm
-        scale = 1.0 / self.expected_batch_size if self.loss_reduction == "mean" else 1.0
-        grads = []
-        for p in self._params:
-            g = p.grad
-            if g is None:
-                g = torch.zeros_like(p)
-            elif g.is_sparse:
-                raise RuntimeError("sparse gradients are not supported by DPOptimizer")
-            if self.mode != "fsdp" and g.dtype in _LOW_PRECISION:
-                g = g.to(torch.float32)
-            else:
-                g = g.clone()
-            grads.append(g)
+    # --- the three places where several processes differ from one (see DPOptimizer) ---
+    def _adds_noise(self) -> bool:
+        # rank 0 alone in the replicated modes; under FSDP2 every rank, on the shard it owns
+        return self.mode == "fsdp" or self.rank == 0
 
-        if self.mode == "fsdp":
-            for g in grads:  # each rank owns and noises its shard
-                local = g.to_local()
-                self._add_noise_(local, std)
-        else:
-            is_root = self.rank == 0
-            if self.mode == "allreduce":
-                if is_root:
-                    for g in grads:
-                        self._add_noise_(g, std)
-                _flat_collective(grads, lambda flat: dist.all_reduce(flat, group=self.process_group))
-            else:  # ddp: every rank holds the global clipped sum already
-                noise = [self._noise(g, std) if is_root else torch.zeros_like(g) for g in grads]
-                _flat_collective(noise, lambda flat: dist.broadcast(flat, src=self._root_rank,
-                                                                    group=self.process_group))
-                for g, z in zip(grads, noise):
-                    g.add_(z)
-        for p, g in zip(self._params, grads):
-            p.grad = (g * scale).to(p.dtype)
+    def _combine_sums(self, accs: list) -> None:
+        if self.mode == "allreduce":  # rank 0's sum carries the noise: the SUM is the update
+            _flat_collective(accs, lambda flat: dist.all_reduce(flat, group=self.process_group))
+        elif self.mode == "ddp":  # every rank holds the global sum already: take rank 0's, noised
+            _flat_collective(accs, lambda flat: dist.broadcast(flat, src=self._root_rank,
+                                                               group=self.process_group))
+        # fsdp: every coordinate lives on (and was noised by) its shard's owner
 
-    def step(self, closure=None):
-        # the global number of samples in this logical batch (logging; not used in the update)
-        count = torch.tensor([float(self.batch_size)], dtype=torch.float64)
-        if self.mode != "fsdp":
-            dist.all_reduce(count, group=self.process_group)
-        local = self.batch_size
-        loss = super().step(closure)
-        self.last_batch_size = int(count.item())
-        self.last_local_batch_size = local
-        return loss
+    def _sum_over_ranks(self, values: torch.Tensor) -> None:
+        dist.all_reduce(values, group=self.process_group)
+
+    def _shared_normal(self, std: float) -> float:
+        z = torch.tensor([super()._shared_normal(std) if self.rank == 0 else 0.0], dtype=torch.float64)
+        dist.broadcast(z, src=self._root_rank, group=self.process_group)
+        return float(z)
 
 
 # --------------------------------------------------------------------------------------------
@@ -399,47 +322,8 @@ def privatize_blocks(model: nn.Module, blocks: list[str], *, max_grad_norm: floa
 # make_private
 # --------------------------------------------------------------------------------------------
 
-def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader: DataLoader, *,
-                 noise_multiplier: float | None = None, target_epsilon: float | None = None,
-                 target_delta: float | None = None, epochs: int | None = None, max_grad_norm: float,
-                 loss_reduction: str = "mean", ddp: bool = False, generator: torch.Generator | None = None,
-                 secure_rng: bool = False, accountant: str = "rdp", process_group=None):
-    """fxclip.make_private for data parallelism: call it on every rank (it is collective).
-
-    `data_loader.batch_size` is the expected batch size PER RANK, as with torch's
-    DistributedSampler: the global expected batch is B = batch_size * world_size, the global
-    sample rate q = B / len(dataset), which the accountant uses. Returns (module, optimizer,
-    loader): the privatized module (wrapped in fxclip.distributed.DistributedDataParallel if
-    ddp=True), a DistributedDPOptimizer dividing by B, and this rank's
-    DistributedPoissonDataLoader (its disjoint shard of the dataset, Poisson-sampled with q, a
-    rank-distinct generator derived from `generator`).
-    """
-    if (noise_multiplier is None) == (target_epsilon is None):
-        raise ValueError("give exactly one of noise_multiplier= or target_epsilon= (with "
-                         "target_delta= and epochs=)")
-    if target_epsilon is not None and (target_delta is None or epochs is None):
-        raise ValueError("target_epsilon needs target_delta= and epochs= to calibrate the noise")
-    rank, world = _rank_world(process_group)
-    per_rank = data_loader.batch_size or getattr(data_loader.batch_sampler, "batch_size", None)
-    if not per_rank:
-        raise ValueError("cannot infer the expected batch size: give the data loader a batch_size")
-    n = len(data_loader.dataset)
-    global_batch = per_rank * world
-    if global_batch > n:
-        raise ValueError(f"batch_size {per_rank} x {world} ranks exceeds the dataset size {n}")
-    sample_rate = global_batch / n
-    loader = DistributedPoissonDataLoader(
-        data_loader.dataset, sample_rate, rank=rank, world_size=world, generator=generator,
-        collate_fn=data_loader.collate_fn, num_workers=data_loader.num_workers,
-        pin_memory=data_loader.pin_memory)
-    if target_epsilon is not None:
-        steps = int(round(epochs * len(loader)))
-        noise_multiplier = noise_multiplier_for(target_epsilon, target_delta, sample_rate, steps,
-                                                mechanism=accountant)
-    pm = privatize(model, max_grad_norm=max_grad_norm, loss_reduction=loss_reduction)
-    module = DistributedDataParallel(pm, process_group=process_group) if ddp else pm
-    opt = DistributedDPOptimizer(optimizer, module, noise_multiplier=noise_multiplier,
-                                 expected_batch_size=global_batch, sample_rate=sample_rate,
-                                 generator=None if secure_rng else generator, secure_rng=secure_rng,
-                                 accountant=Accountant(accountant), process_group=process_group)
-    return module, opt, loader
+def make_private(*args, **kwargs):
+    """fxclip.make_private(..., distributed=True): kept for compatibility. Call it on every rank
+    (it is collective); see fxclip.make_private for the arguments."""
+    kwargs.setdefault("distributed", True)
+    return _make_private(*args, **kwargs)

@@ -1,4 +1,5 @@
-"""make_private: the one-call setup Opacus users know, on top of privatize + DPOptimizer."""
+"""make_private: the one-call setup Opacus users know, on top of privatize + DPOptimizer, for one
+process or several (torchrun): the same function, the same options."""
 from __future__ import annotations
 
 import torch
@@ -7,7 +8,7 @@ from torch.utils.data import DataLoader
 
 from .optim import DPOptimizer
 from .privatize import privatize
-from .sampling import PoissonDataLoader
+from .sampling import PoissonDataLoader, loader_batch_size
 
 
 def make_private(
@@ -30,6 +31,10 @@ def make_private(
     pad_to_multiple: int | None = None,
     adaptive_clipping=None,
     nonfinite: str = "refuse",
+    distributed: bool | None = None,
+    process_group=None,
+    ddp: bool = False,
+    **privatize_options,
 ):
     """Returns (privatized module, DPOptimizer, data loader) ready for DP-SGD.
 
@@ -46,13 +51,21 @@ def make_private(
     checked (see fxclip.privatize); train with `pm(x, target=y).mean()` (or .sum() for
     loss_reduction="sum"). grad_scaler: the GradScaler of an fp16 loop. pad_to_multiple=k pads
     every Poisson batch to a multiple of k rows with weight-0 rows (fixed shapes for compiled
-    and CUDA graphs; same update). adaptive_clipping: an fxclip.AdaptiveClipping.
+    and CUDA graphs; same update). adaptive_clipping: an fxclip.AdaptiveClipping. Other keyword
+    arguments (clipping=, ...) go to fxclip.privatize.
 
     poisson_sampling=False keeps `data_loader` as is. The accountant still assumes Poisson
     sampling, so epsilon is then a heuristic, not a guarantee.
 
-    Several processes (torchrun): use fxclip.distributed.make_private, which shards the dataset
-    across ranks, reduces the clipped sums, adds the noise once and accounts on the global q.
+    Several processes (torchrun): with an initialized process group of more than one rank (or
+    distributed=True, or process_group=), call it on every rank (it is collective). Then
+    `data_loader.batch_size` is the expected batch PER RANK (as with DistributedSampler): the
+    global expected batch is B = batch_size * world_size and q = B / len(dataset), which the
+    accountant uses. Each rank Poisson-samples its disjoint shard with q, the clipped sums are
+    reduced, the noise is added once, and every option above works as in one process. The
+    optimizer is a fxclip.distributed.DistributedDPOptimizer; ddp=True wraps the module in
+    fxclip.distributed.DistributedDataParallel. distributed=False trains one independent model
+    per rank (each spends its own epsilon).
     """
     if (noise_multiplier is None) == (target_epsilon is None):
         raise ValueError("give exactly one of noise_multiplier= or target_epsilon= (with target_delta= "
@@ -65,26 +78,22 @@ def make_private(
                          "train as long as you like and read opt.epsilon(delta)")
     if not isinstance(data_loader, DataLoader):
         raise TypeError(f"data_loader must be a torch DataLoader, got {type(data_loader).__name__}")
-    if torch.distributed.is_available() and torch.distributed.is_initialized() \
-            and torch.distributed.get_world_size() > 1:
-        import warnings
-        warnings.warn("fxclip.make_private under torch.distributed trains one independent model per "
-                      "rank (no gradient reduction, each rank spends its own epsilon); for data "
-                      "parallelism use fxclip.distributed.make_private", stacklevel=2)
-
-    batch_size = data_loader.batch_size or getattr(data_loader.batch_sampler, "batch_size", None)
-    if not batch_size:
-        raise ValueError("cannot infer the expected batch size: give the data loader a batch_size")
+    if pad_to_multiple is not None and not poisson_sampling:
+        raise ValueError("pad_to_multiple pads Poisson batches: it needs poisson_sampling=True")
+    rank, world = _rank_and_world(distributed, process_group)
+    if ddp and world is None:
+        raise ValueError("ddp=True needs several processes (an initialized process group)")
+    ranks = world or 1
+    batch_size = loader_batch_size(data_loader) * ranks  # the global expected batch
     n = len(data_loader.dataset)
     sample_rate = batch_size / n
 
-    if pad_to_multiple is not None and not poisson_sampling:
-        raise ValueError("pad_to_multiple pads Poisson batches: it needs poisson_sampling=True")
     pm = privatize(model, max_grad_norm=max_grad_norm, loss_reduction=loss_reduction, loss_fn=loss_fn,
-                   grad_scaler=grad_scaler, nonfinite=nonfinite)
+                   grad_scaler=grad_scaler, nonfinite=nonfinite, **privatize_options)
     if poisson_sampling:
         loader = PoissonDataLoader.from_data_loader(data_loader, generator=generator,
-                                                    pad_to_multiple=pad_to_multiple, privatized_module=pm)
+                                                    pad_to_multiple=pad_to_multiple, privatized_module=pm,
+                                                    rank=rank or 0, world_size=ranks)
     else:
         loader = data_loader
 
@@ -97,8 +106,31 @@ def make_private(
         noise_multiplier = noise_multiplier_for(target_epsilon, target_delta, sample_rate, steps,
                                                 mechanism=accountant)
 
-    opt = DPOptimizer(optimizer, pm, noise_multiplier=noise_multiplier, expected_batch_size=batch_size,
-                      sample_rate=sample_rate, generator=None if secure_rng else generator,
-                      secure_rng=secure_rng, accountant=Accountant(accountant),
-                      adaptive_clipping=adaptive_clipping)
-    return pm, opt, loader
+    options = dict(noise_multiplier=noise_multiplier, expected_batch_size=batch_size,
+                   sample_rate=sample_rate, generator=None if secure_rng else generator,
+                   secure_rng=secure_rng, accountant=Accountant(accountant),
+                   adaptive_clipping=adaptive_clipping)
+    if world is None:
+        return pm, DPOptimizer(optimizer, pm, **options), loader
+    from . import distributed as fxd
+
+    module = fxd.DistributedDataParallel(pm, process_group=process_group) if ddp else pm
+    opt = fxd.DistributedDPOptimizer(optimizer, module, process_group=process_group, **options)
+    return module, opt, loader
+
+
+def _rank_and_world(distributed: bool | None, process_group) -> tuple[int | None, int | None]:
+    """(rank, world size) for data parallelism, or (None, None) for one process: several
+    processes when asked (distributed=True, a process_group), or by default when a process
+    group of more than one rank is initialized."""
+    import torch.distributed as dist
+
+    initialized = dist.is_available() and dist.is_initialized()
+    if distributed is None:
+        distributed = process_group is not None or (initialized and dist.get_world_size() > 1)
+    if not distributed:
+        return None, None
+    if not initialized:
+        raise RuntimeError("distributed=True needs an initialized process group "
+                           "(torch.distributed.init_process_group, e.g. under torchrun)")
+    return dist.get_rank(process_group), dist.get_world_size(process_group)

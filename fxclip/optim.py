@@ -46,6 +46,11 @@ def _unwrap(module: nn.Module) -> nn.Module:
             return module
 
 
+def _local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A sharded (DTensor) gradient's local shard, which its owner noises; else t itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def _is_privatized(m) -> bool:
     return all(hasattr(m, a) for a in ("max_grad_norm", "loss_reduction", "per_sample_norms"))
 
@@ -224,7 +229,8 @@ class DPOptimizer(torch.optim.Optimizer):
         self._optimizer_step_post_hooks = OrderedDict()
         self._zero_grad_profile_name = "DPOptimizer.zero_grad"
         self._steps = 0
-        self.last_batch_size = None
+        self.last_batch_size = None  # samples in the last step (over all ranks)
+        self.last_local_batch_size = None
         self.last_micro_batches = None
         self.skipped_steps = 0  # steps a GradScaler skipped for overflow (still accounted)
         self._parts = parts
@@ -267,8 +273,7 @@ class DPOptimizer(torch.optim.Optimizer):
 
     # --- the DP step ---
     def _noise(self, p: torch.Tensor, std: float) -> torch.Tensor:
-        """N(0, std^2) shaped like p, never in 16 bits (adaptive clipping and the distributed
-        optimizer draw one tensor at a time)."""
+        """N(0, std^2) shaped like p, never in 16 bits (adaptive clipping's count)."""
         dtype = torch.float32 if p.dtype in _LOW_PRECISION else p.dtype
         return self._standard_normal_pieces([p.numel()], dtype, p.device).view(p.shape).mul_(std)
 
@@ -301,16 +306,36 @@ class DPOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def add_noise(self) -> None:
-        """Turns each .grad from the clipped sum into the noised update gradient (in place)."""
+        """Turns each .grad from the clipped sum into the noised update gradient (in place).
+        Several processes: the ranks that add noise add it to their own sums (rank 0 alone, or
+        under FSDP2 every rank to its shard), then the sums are combined (_combine_sums)."""
         std = self.noise_multiplier * self.max_grad_norm
         scale = 1.0 / self.expected_batch_size if self.loss_reduction == "mean" else 1.0
         accs = [self._accumulator(p) for p in self._params]
-        self._add_noise_all_(accs, std)
+        local = [_local_tensor(acc) for acc in accs]  # a sharded gradient: this rank's shard
+        if self._adds_noise():
+            self._add_noise_all_(local, std)
+        self._combine_sums(local)
         if scale != 1.0:
-            torch._foreach_mul_(accs, scale)
+            torch._foreach_mul_(local, scale)
         for p, acc in zip(self._params, accs):
             if acc is not p.grad:
                 p.grad = acc.to(p.dtype)
+
+    # --- where several processes differ (fxclip.distributed.DistributedDPOptimizer overrides) ---
+    def _adds_noise(self) -> bool:
+        """Whether this rank adds noise to its clipped sums (one process: yes)."""
+        return True
+
+    def _combine_sums(self, accs: list) -> None:
+        """Makes the ranks' (noised) clipped sums the global one, in place (one process: as is)."""
+
+    def _sum_over_ranks(self, values: torch.Tensor) -> None:
+        """Sums `values` over the ranks, in place (one process: as is)."""
+
+    def _shared_normal(self, std: float) -> float:
+        """One N(0, std^2) value, the same on every rank (adaptive clipping's count noise)."""
+        return float(self._noise(torch.zeros(()), std))
 
     @staticmethod
     def _accumulator(p: torch.Tensor) -> torch.Tensor:
@@ -355,17 +380,33 @@ class DPOptimizer(torch.optim.Optimizer):
 
     def _take_state(self, found_inf) -> dict:
         """What the backwards since the last step recorded, over the privatized parts, with
-        the scaler's inf flag: ONE host sync per step. Resets the parts' counts."""
-        states, flags = DeviceState.read_all([p.device_state for p in self._parts],
-                                             [] if found_inf is None else [found_inf])
+        the scaler's inf flag: ONE host sync per step. Resets the parts' counts.
+
+        Over several processes that one read is preceded by one all-reduce (SUM) of the same
+        vector, so every rank decides the step (refuse, skip, train) on the same numbers: a flag
+        raised on any rank is > 0 on all, and the counts (samples, unclipped) are global."""
+        local = self._local_state(found_inf)
+        total = local.clone()
+        self._sum_over_ranks(total)
+        values = torch.cat([local, total]).tolist()
         for part in self._parts:
             part.reset_state()
-        merged = {k: max(s[k] for s in states) for k in states[0]}
-        merged["found_inf"] = flags[0] if flags else 0.0
-        # privatized blocks of one model all see the same samples: count them once
+        names = DeviceState.FIELDS + ("found_inf", "no_backward")
+        mine, merged = dict(zip(names, values)), dict(zip(names, values[len(names):]))
         self.last_batch_size = int(merged["samples"])
-        self.last_micro_batches = int(merged["backwards"])
+        self.last_local_batch_size = int(mine["samples"])
+        self.last_micro_batches = int(mine["backwards"])
         return merged
+
+    def _local_state(self, found_inf) -> torch.Tensor:
+        """This rank's device state (max over privatized blocks, which all see the same
+        samples), the scaler's inf flag, and whether a gradient exists without a backward."""
+        state = torch.stack([p.device_state.tensor for p in self._parts]).amax(0)
+        has_grad = any(p.grad is not None for p in self._params)
+        no_backward = (state[DeviceState.INDEX["backwards"]] == 0) & has_grad
+        # a GradScaler that saw no gradient on this rank (empty batch) passes found_inf = 0
+        inf = torch.as_tensor(0.0 if found_inf is None else found_inf).reshape(1)
+        return torch.cat([state, inf.to(state), no_backward.reshape(1).to(state)])
 
     def _checked(self, state: dict, found_inf) -> bool:
         """Refuse (PrivacyError, no parameter changed) what the backwards flagged; False for a
@@ -379,7 +420,7 @@ class DPOptimizer(torch.optim.Optimizer):
             refuse = refusal("scaler-not-stepping")
         elif state["bad_seed"] > 0:
             refuse = refusal("bad-reduction", reduction=self._parts[0].loss_reduction)
-        elif state["backwards"] == 0 and any(p.grad is not None for p in self._params):
+        elif state["no_backward"] > 0:
             refuse = refusal("no-backward")
         elif self._noise_bound is not None and self._noise_bound < _module_bound(self._parts) * (1 - 1e-12):
             refuse = refusal("noise-below-clipping", noise=self._noise_bound, bound=_module_bound(self._parts))

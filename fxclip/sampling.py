@@ -3,11 +3,18 @@
 This is the sampling DP-SGD's accounting assumes (PoissonSampledDpEvent). Batch sizes vary from
 batch to batch and can be zero; an empty batch is still yielded, as correctly shaped empty
 tensors, so that the training loop still takes (and the accountant still counts) the step.
+
+Several processes: rank r of W draws only its disjoint shard (indices j with j % W == r), each
+index with the GLOBAL rate q, from a generator of its own (rank_generator). The union over the
+ranks is then exactly one Poisson sample of the whole dataset with rate q, what the accountant
+assumes; one process is the shard of rank 0 of 1.
 """
 from __future__ import annotations
 
+import os
 from typing import Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data import default_collate as _default_collate
@@ -15,20 +22,47 @@ from torch.utils.data import default_collate as _default_collate
 MASK_BLOCK = 1 << 20  # membership draws per block of batches (4 MB of uniforms at a time)
 
 
+def rank_generator(generator: torch.Generator | None, rank: int, stream: int = 0) -> torch.Generator:
+    """A generator for `rank` that is independent of every other rank's.
+
+    From `generator`'s seed (reproducible runs) through numpy's SeedSequence with the rank as
+    spawn key; with generator=None from os.urandom. Identical streams on two ranks would make
+    their Poisson draws (or their noise shards) equal, i.e. correlated, which the accounting
+    and the Gaussian mechanism do not allow; torch.manual_seed(0) on every rank does exactly that.
+    """
+    if generator is None:
+        seed = int.from_bytes(os.urandom(8), "little")
+    else:
+        seed = int(np.random.SeedSequence([generator.initial_seed(), stream], spawn_key=(rank,))
+                   .generate_state(1, np.uint64)[0])
+    device = generator.device if generator is not None else "cpu"
+    return torch.Generator(device=device).manual_seed(seed)
+
+
 class PoissonBatchSampler(Sampler[list[int]]):
-    """Yields `num_batches` index lists; index j is in each list with probability `sample_rate`."""
+    """Yields `num_batches` index lists; index j is in each list with probability `sample_rate`.
+
+    rank/world_size: only this rank's shard (j % world_size == rank) is drawn, still with the
+    global `sample_rate`, from rank_generator(generator, rank); every rank yields the same number
+    of batches (some may be empty), so collectives in the training loop stay matched.
+    """
 
     def __init__(self, num_samples: int, sample_rate: float, num_batches: int | None = None,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, *, rank: int = 0, world_size: int = 1):
         if num_samples <= 0:
             raise ValueError(f"need a non-empty dataset, got {num_samples} samples")
         if not 0 < sample_rate <= 1:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         self.num_samples = num_samples
         self.sample_rate = sample_rate
         # one "epoch" = 1/q batches: each sample is seen once per epoch in expectation
         self.num_batches = max(1, round(1 / sample_rate)) if num_batches is None else num_batches
-        self.generator = generator
+        self.rank, self.world_size = rank, world_size
+        self.indices = torch.arange(rank, num_samples, world_size)  # this rank's shard
+        # one process keeps the caller's generator (a stream it may share with the noise)
+        self.generator = generator if world_size == 1 else rank_generator(generator, rank)
 
     def __len__(self) -> int:
         return self.num_batches
@@ -36,7 +70,7 @@ class PoissonBatchSampler(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         left = self.num_batches
         while left > 0:
-            k = max(1, min(left, MASK_BLOCK // self.num_samples))
+            k = max(1, min(left, MASK_BLOCK // max(1, len(self.indices))))
             yield from self._draw(k)
             left -= k
 
@@ -44,9 +78,9 @@ class PoissonBatchSampler(Sampler[list[int]]):
         """k batches from one (k, n) draw: a few tensor ops per k batches instead of per batch.
         The uniforms are those of k draws of n, so a generator of its own gives the same
         batches as one draw per batch; a generator shared with the noise is read in blocks."""
-        mask = torch.rand(k, self.num_samples, generator=self.generator) < self.sample_rate
+        mask = torch.rand(k, len(self.indices), generator=self.generator) < self.sample_rate
         rows, cols = mask.nonzero(as_tuple=True)
-        cols = cols.tolist()
+        cols = (cols if self.world_size == 1 else self.indices[cols]).tolist()
         start = 0
         for count in torch.bincount(rows, minlength=k).tolist():
             yield cols[start:start + count]
@@ -85,9 +119,10 @@ def _cut_to_empty(x):
 class PoissonDataLoader(DataLoader):
     """A DataLoader whose batches are Poisson samples of `dataset`.
 
-    `batch_size` here is the EXPECTED batch size q * len(dataset) (kept as an attribute for
-    DPOptimizer; the DataLoader machinery itself sees only the batch sampler). Seed it with
+    `expected_batch_size` is the EXPECTED (global) batch size q * len(dataset) (DPOptimizer
+    divides by it; the DataLoader machinery itself sees only the batch sampler). Seed it with
     `generator`. Other DataLoader options (num_workers, collate_fn, pin_memory, ...) pass through.
+    rank/world_size: this rank's Poisson share of the global batch (PoissonBatchSampler).
 
     pad_to_multiple=k: every batch is padded with zero rows to a multiple of k rows (an empty
     batch to k), so compiled graphs and CUDA graphs see few shapes. `privatized_module` (the
@@ -98,12 +133,14 @@ class PoissonDataLoader(DataLoader):
 
     def __init__(self, dataset: Dataset, sample_rate: float, *, num_batches: int | None = None,
                  generator: torch.Generator | None = None, collate_fn=None,
-                 pad_to_multiple: int | None = None, privatized_module=None, **kwargs):
+                 pad_to_multiple: int | None = None, privatized_module=None, rank: int = 0,
+                 world_size: int = 1, **kwargs):
         for k in ("batch_size", "shuffle", "sampler", "batch_sampler", "drop_last"):
             if kwargs.get(k) not in (None, False):
-                raise ValueError(f"PoissonDataLoader chooses its own batches; do not pass {k}=")
+                raise ValueError(f"{type(self).__name__} chooses its own batches; do not pass {k}=")
             kwargs.pop(k, None)
-        sampler = PoissonBatchSampler(len(dataset), sample_rate, num_batches, generator)
+        sampler = PoissonBatchSampler(len(dataset), sample_rate, num_batches, generator,
+                                      rank=rank, world_size=world_size)
         collate = _EmptyAwareCollate(dataset, collate_fn or _default_collate)
         super().__init__(dataset, batch_sampler=sampler, collate_fn=collate, **kwargs)
         self.sample_rate = sample_rate
@@ -139,21 +176,29 @@ class PoissonDataLoader(DataLoader):
     @classmethod
     def from_data_loader(cls, loader: DataLoader, *, generator: torch.Generator | None = None,
                          num_batches: int | None = None, pad_to_multiple: int | None = None,
-                         privatized_module=None) -> "PoissonDataLoader":
-        """Same dataset and options, q = loader.batch_size / len(dataset)."""
-        batch_size = loader.batch_size
-        if batch_size is None:  # built from a batch_sampler
-            batch_size = getattr(loader.batch_sampler, "batch_size", None)
-        if not batch_size:
-            raise ValueError("cannot infer the expected batch size: give the data loader a batch_size")
+                         privatized_module=None, rank: int = 0,
+                         world_size: int = 1) -> "PoissonDataLoader":
+        """Same dataset and options, q = world_size * loader.batch_size / len(dataset): the
+        loader's batch_size is the expected batch PER RANK (as with DistributedSampler)."""
+        batch_size = loader_batch_size(loader) * world_size
         n = len(loader.dataset)
         if batch_size > n:
-            raise ValueError(f"batch_size {batch_size} exceeds the dataset size {n}")
+            raise ValueError(f"batch_size {batch_size // world_size} x {world_size} rank(s) exceeds "
+                             f"the dataset size {n}")
         return cls(loader.dataset, batch_size / n, num_batches=num_batches, generator=generator,
                    pad_to_multiple=pad_to_multiple, privatized_module=privatized_module,
+                   rank=rank, world_size=world_size,
                    collate_fn=loader.collate_fn, num_workers=loader.num_workers,
                    pin_memory=loader.pin_memory, timeout=loader.timeout,
                    worker_init_fn=loader.worker_init_fn)
+
+
+def loader_batch_size(loader: DataLoader) -> int:
+    """A DataLoader's batch size (also when built from a batch_sampler)."""
+    batch_size = loader.batch_size or getattr(loader.batch_sampler, "batch_size", None)
+    if not batch_size:
+        raise ValueError("cannot infer the expected batch size: give the data loader a batch_size")
+    return batch_size
 
 
 def _pad(x, extra: int):

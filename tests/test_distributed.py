@@ -25,9 +25,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
+from reference import per_sample_grads, per_sample_reference  # noqa: E402
+
 import fxclip  # noqa: E402
 from fxclip import distributed as fxd  # noqa: E402
-from reference import per_sample_grads, per_sample_reference  # noqa: E402
 
 C = 0.3
 SIZES = (5, 3)  # rank 0 and rank 1 batch sizes: unequal on purpose
@@ -347,13 +348,15 @@ JOBS = {
 }
 
 
-def _worker(job, rank, world, port, outdir):
+def _worker(jobs, job, rank, world, port, outdir):
+    """Runs every scenario of jobs[job] on this rank, writing the results after each."""
     import torch.distributed as dist
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # a collective left waiting raises after this timeout instead of hanging the job
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
     torch.set_num_threads(1)
     results = {}
-    for name, fn in JOBS[job].items():
+    for name, fn in jobs[job].items():
         try:
             results[name] = fn(rank, world)
         except Exception:
@@ -374,14 +377,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(job, tmp_path_factory, timeout):
+def launch(job, tmp_path_factory, timeout, world=2, script=__file__):
+    """Runs `script job rank world port outdir` on `world` processes (killed after `timeout`
+    seconds); returns each rank's results and the tails of their logs."""
     outdir = str(tmp_path_factory.mktemp(job))
     port = _free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
         [HERE] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), job, str(r), "2", str(port),
-                               outdir], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for r in range(2)]
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(script), job, str(r), str(world),
+                               str(port), outdir], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in range(world)]
     logs = []
     try:
         for p in procs:
@@ -392,36 +397,37 @@ def _launch(job, tmp_path_factory, timeout):
             p.kill()
         logs = [p.communicate()[0] for p in procs]
     results = []
-    for r in range(2):
+    for r in range(world):
         path = os.path.join(outdir, f"{job}-{r}.json")
         results.append(json.load(open(path)) if os.path.exists(path) else {})
     return results, "\n".join(f"--- rank {r} ---\n{(log or '')[-3000:]}" for r, log in enumerate(logs))
 
 
-@pytest.fixture(scope="module")
-def eager_job(tmp_path_factory):
-    return _launch("eager", tmp_path_factory, timeout=150)
-
-
-@pytest.fixture(scope="module")
-def fsdp_job(tmp_path_factory):
-    return _launch("fsdp", tmp_path_factory, timeout=150)
-
-
-@pytest.fixture(scope="module")
-def compiled_job(tmp_path_factory):
-    return _launch("compiled", tmp_path_factory, timeout=420)
-
-
-def _get(job, name):
+def get(job, name):
+    """Scenario `name`'s results on every rank; fails with the logs if a rank did not finish it."""
     results, log = job
     out = []
-    for r in range(2):
+    for r in range(len(results)):
         res = results[r].get(name)
         assert res is not None, f"scenario {name} did not finish on rank {r}:\n{log}"
         assert "error" not in res, f"rank {r}: {res['error']}"
         out.append(res)
     return out
+
+
+@pytest.fixture(scope="module")
+def eager_job(tmp_path_factory):
+    return launch("eager", tmp_path_factory, timeout=150)
+
+
+@pytest.fixture(scope="module")
+def fsdp_job(tmp_path_factory):
+    return launch("fsdp", tmp_path_factory, timeout=150)
+
+
+@pytest.fixture(scope="module")
+def compiled_job(tmp_path_factory):
+    return launch("compiled", tmp_path_factory, timeout=420)
 
 
 # --------------------------------------------------------------------------------------------
@@ -430,7 +436,7 @@ def _get(job, name):
 
 @pytest.mark.parametrize("name", ["allreduce_mean", "allreduce_sum", "ddp_mean"])
 def test_data_parallel_equals_single_process_on_the_concatenated_batch(eager_job, name):
-    for r, res in enumerate(_get(eager_job, name)):
+    for r, res in enumerate(get(eager_job, name)):
         assert res["err"] < 1e-12 * max(1.0, res["scale"]), (name, r, res)
         assert res["norm_err"] < 1e-12, (name, r, res)
         assert res["batch"] == sum(SIZES) and res["local_batch"] == SIZES[r]
@@ -438,7 +444,7 @@ def test_data_parallel_equals_single_process_on_the_concatenated_batch(eager_job
 
 @pytest.mark.parametrize("mode", ["allreduce", "ddp"])
 def test_noise_is_added_once_globally(eager_job, mode):
-    r0, r1 = _get(eager_job, f"noise_{mode}")
+    r0, r1 = get(eager_job, f"noise_{mode}")
     for res in (r0, r1):
         # sigma*C/B_total; sqrt(2) times that would mean every rank added its own noise
         assert res["std"] == pytest.approx(res["expected"], rel=0.05), res
@@ -448,25 +454,25 @@ def test_noise_is_added_once_globally(eager_job, mode):
 
 @pytest.mark.parametrize("name", ["empty_allreduce", "empty_allreduce_skip", "empty_ddp"])
 def test_a_rank_with_an_empty_poisson_batch_does_not_hang_the_others(eager_job, name):
-    for res in _get(eager_job, name):  # finished within the timeout, with the exact result
+    for res in get(eager_job, name):  # finished within the timeout, with the exact result
         assert res["err"] < 1e-12 * max(1.0, res["scale"]) and res["batch"] == 4
 
 
 @pytest.mark.parametrize("name", ["blocks_flat", "blocks_per_layer"])
 def test_per_block_group_clipping_is_exact_across_ranks(eager_job, name):
-    for res in _get(eager_job, name):
+    for res in get(eager_job, name):
         assert res["err"] < 1e-12 * max(1.0, res["scale"]), res
         assert res["opt_C"] == pytest.approx(C)
         assert all(c == pytest.approx(C / math.sqrt(3)) for c in res["block_C"])
 
 
 def test_tensor_parallel_all_reduce_of_partial_squared_norms(eager_job):
-    for res in _get(eager_job, "tp_norms"):
+    for res in get(eager_job, "tp_norms"):
         assert res["err"] < 1e-12 and res["clipped"] > 0, res
 
 
 def test_make_private_distributed(eager_job):
-    r0, r1 = _get(eager_job, "make_private")
+    r0, r1 = get(eager_job, "make_private")
     for res in (r0, r1):
         assert res["q"] == pytest.approx(0.1) and res["B"] == 20 and res["batches"] == 10
         assert res["steps"] == 10 and res["shard_ok"] and res["replicas_differ"] == 0
@@ -476,12 +482,12 @@ def test_make_private_distributed(eager_job):
 
 @pytest.mark.parametrize("name", ["fsdp_flat", "fsdp_blocks"])
 def test_fsdp2_gradients_equal_the_reference(fsdp_job, name):
-    for res in _get(fsdp_job, name):
+    for res in get(fsdp_job, name):
         assert res["err"] < 1e-12 * max(1.0, res.get("scale", 1.0)), res
 
 
 def test_fsdp2_noise_is_added_once_per_coordinate(fsdp_job):
-    for res in _get(fsdp_job, "noise_fsdp"):
+    for res in get(fsdp_job, "noise_fsdp"):
         assert res["std"] == pytest.approx(res["expected"], rel=0.05), res
         # the two shards' noise is independent although every rank seeded torch identically
         assert abs(res["halves_corr"]) < 5 / math.sqrt(res["n"] / 2), res
@@ -492,13 +498,13 @@ def test_fsdp2_noise_is_added_once_per_coordinate(fsdp_job):
 @pytest.mark.parametrize("name", ["allreduce_compiled", "ddp_compiled", "blocks_compiled",
                                   "fsdp_blocks_compiled"])
 def test_compiled_data_parallel_equals_the_reference(compiled_job, name):
-    for res in _get(compiled_job, name):
+    for res in get(compiled_job, name):
         assert res["err"] < 1e-12 * max(1.0, res["scale"]), res
 
 
 @pytest.mark.slow
 def test_torch_ddp_compiled_split_is_refused_not_silently_wrong(compiled_job):
-    for res in _get(compiled_job, "torch_ddp_split"):
+    for res in get(compiled_job, "torch_ddp_split"):
         assert res["refused"], res
 
 
@@ -545,4 +551,4 @@ def test_distributed_poisson_sampler_shards_are_disjoint_and_rank_distinct():
 
 if __name__ == "__main__":
     _job, _rank, _world, _port, _outdir = sys.argv[1:6]
-    _worker(_job, int(_rank), int(_world), int(_port), _outdir)
+    _worker(JOBS, _job, int(_rank), int(_world), int(_port), _outdir)

@@ -17,14 +17,18 @@ class PoissonMicroBatchSampler(Sampler[list[int]]):
     splitting each draw into exactly that many pieces makes one step = one Poisson batch.
     The generator's state at the start of the current epoch is kept: a run resumed mid-epoch
     restores it, and the Trainer's skip of the batches already trained re-draws them.
+    rank/world_size: this process's disjoint shard, drawn with the global `sample_rate` from a
+    generator of its own (fxclip.sampling.PoissonBatchSampler).
     """
 
-    def __init__(self, num_samples: int, sample_rate: float, micro_batches: int, generator: torch.Generator):
+    def __init__(self, num_samples: int, sample_rate: float, micro_batches: int, generator: torch.Generator,
+                 *, rank: int = 0, world_size: int = 1):
         if micro_batches < 1:
             raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
-        self.batches = PoissonBatchSampler(num_samples, sample_rate, generator=generator)
+        self.batches = PoissonBatchSampler(num_samples, sample_rate, generator=generator, rank=rank,
+                                           world_size=world_size)
         self.micro_batches = micro_batches
-        self.generator = generator
+        self.generator = self.batches.generator  # this rank's
         self.epoch_start_state = generator.get_state()
 
     @property

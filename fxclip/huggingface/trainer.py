@@ -2,11 +2,15 @@
 accounting).
 
 What changes against transformers.Trainer, hook by hook:
-- get_train_dataloader: Poisson batches with q = per_device_train_batch_size / len(dataset), each
-  split into gradient_accumulation_steps micro-batches (one optimizer step = one Poisson draw);
-  the loader bypasses accelerate.prepare, which would re-batch or shard it.
+- get_train_dataloader: Poisson batches with q = per_device_train_batch_size * world_size /
+  len(dataset), each split into gradient_accumulation_steps micro-batches (one optimizer step =
+  one Poisson draw); the loader bypasses accelerate.prepare, which would re-batch or shard it.
+  Several processes (torchrun): each draws its disjoint shard with the global q.
 - create_optimizer: privatizes the model and wraps the optimizer in DPOptimizer (noise once per
-  step, division by the expected batch size, one accounted step per step).
+  step, division by the expected batch size, one accounted step per step); several processes:
+  fxclip.distributed.DistributedDPOptimizer (clipped sums all-reduced in step(), noise added
+  once by rank 0, the step's checks decided on all ranks together). accelerate's DDP wrapper
+  stays unused: the privatized model runs outside it, so its reducer never fires.
 - compute_loss (training): labels are popped; the model runs privatized without them and each
   sample's loss is computed from the logits by loss_fn inside the privatized graph
   (fxclip.huggingface.losses), then reduced with exactly .mean(); evaluation keeps the model's
@@ -18,7 +22,7 @@ What changes against transformers.Trainer, hook by hook:
 - HF's global gradient-norm clipping and grad_norm logging are off: args.max_grad_norm is the
   per-sample threshold C, and the un-noised gradient's norm must not be logged.
 - checkpoints: the accountant (in DPOptimizer's state_dict, optimizer.pt) and the sampler's RNG
-  (fxclip_dp_sampler.pt) are saved and restored.
+  (fxclip_dp_sampler.pt; one file per process under torchrun) are saved and restored.
 """
 from __future__ import annotations
 
@@ -95,9 +99,9 @@ class DPTrainer(Trainer):
             raise ValueError("compute_loss_func returns a batch loss, which DP-SGD cannot clip per sample; "
                              "pass loss_fn=fn with fn(outputs, labels) -> one loss per sample, shape (B,)")
         super().__init__(model, args, *more, **kwargs)
-        if self.args.world_size > 1 or self.args.n_gpu > 1:
-            raise ValueError("DPTrainer runs one process on one device; for data-parallel DP-SGD use "
-                             "fxclip.distributed.make_private in your own loop")
+        if self.args.n_gpu > 1:
+            raise ValueError("DPTrainer uses one device per process: launch one process per GPU with "
+                             "torchrun (DataParallel over several GPUs in one process is not supported)")
         self._task, self._custom_loss_fn = task, loss_fn
         self._pm = None  # the privatized model (compiled when args.torch_compile)
         self._dp_optimizer = None
@@ -107,12 +111,18 @@ class DPTrainer(Trainer):
     # ---- privacy accounting ----
 
     @property
+    def expected_batch_size(self) -> int:
+        """The global expected Poisson batch: per_device_train_batch_size on every process."""
+        return self.args.per_device_train_batch_size * self.args.world_size
+
+    @property
     def sample_rate(self) -> float:
         n = len(self.train_dataset)
-        if self.args.per_device_train_batch_size > n:
-            raise ValueError(f"per_device_train_batch_size {self.args.per_device_train_batch_size} (the expected "
-                             f"Poisson batch size) exceeds the dataset size {n}")
-        return self.args.per_device_train_batch_size / n
+        if self.expected_batch_size > n:
+            raise ValueError(f"per_device_train_batch_size {self.args.per_device_train_batch_size} x "
+                             f"{self.args.world_size} process(es) (the expected Poisson batch size) exceeds "
+                             f"the dataset size {n}")
+        return self.expected_batch_size / n
 
     @property
     def epsilon(self) -> float:
@@ -163,7 +173,8 @@ class DPTrainer(Trainer):
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
         generator = torch.Generator().manual_seed(seed)
         self._sampler = PoissonMicroBatchSampler(len(dataset), self.sample_rate,
-                                                 self.args.gradient_accumulation_steps, generator)
+                                                 self.args.gradient_accumulation_steps, generator,
+                                                 rank=self.args.process_index, world_size=self.args.world_size)
         # not passed through accelerator.prepare: it would rebuild the batches
         return DataLoader(dataset, batch_sampler=self._sampler, collate_fn=_EmptyAwareCollate(dataset, collator),
                           num_workers=self.args.dataloader_num_workers,
@@ -180,9 +191,12 @@ class DPTrainer(Trainer):
         if isinstance(optimizer, DPOptimizer):
             optimizer = optimizer.original_optimizer
         pm = self._privatized()
-        self._dp_optimizer = DPOptimizer(
+        dp_optimizer = DPOptimizer
+        if self.args.world_size > 1:
+            from ..distributed import DistributedDPOptimizer as dp_optimizer
+        self._dp_optimizer = dp_optimizer(
             optimizer, pm, noise_multiplier=self._noise_multiplier(self.state.max_steps),
-            expected_batch_size=self.args.per_device_train_batch_size, max_grad_norm=self.args.max_grad_norm,
+            expected_batch_size=self.expected_batch_size, max_grad_norm=self.args.max_grad_norm,
             loss_reduction="mean", sample_rate=self.sample_rate, secure_rng=self.args.secure_rng,
             accountant=self.args.accountant)
         self.optimizer = self._dp_optimizer
@@ -234,8 +248,9 @@ class DPTrainer(Trainer):
         state = pm.read_state()  # one host sync, as the Trainer's own nan check of the loss does
         if state["backwards"] != before + 1 or state["batch_size"] != rows:
             raise refusal("loss-bypassed-model")
-        # logged loss: the logical batch's summed sample losses over the expected batch size
-        return loss.detach() * (rows / self._dp_optimizer.expected_batch_size)
+        # logged loss: the logical batch's summed sample losses over the expected batch size (the
+        # Trainer averages it over the processes: times world_size makes that the global sum)
+        return loss.detach() * (rows * self.args.world_size / self._dp_optimizer.expected_batch_size)
 
     def _clip_grad_norm(self, model):
         return None  # clipping is per sample, in the backward; a global clip would change the update
@@ -251,10 +266,16 @@ class DPTrainer(Trainer):
 
     # ---- checkpoints ----
 
+    def _sampler_state_path(self, directory: str) -> str:
+        """This process's sampler state file (each process draws its own shard)."""
+        if self.args.world_size == 1:
+            return os.path.join(directory, SAMPLER_STATE)
+        return os.path.join(directory, SAMPLER_STATE.replace(".pt", f"_{self.args.process_index}.pt"))
+
     def _save_rng_state(self, output_dir):
         super()._save_rng_state(output_dir)
-        if self._sampler is not None and self.args.should_save:
-            torch.save(self._sampler.state_dict(), os.path.join(output_dir, SAMPLER_STATE))
+        if self._sampler is not None and (self.args.should_save or self.args.world_size > 1):
+            torch.save(self._sampler.state_dict(), self._sampler_state_path(output_dir))
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -263,7 +284,7 @@ class DPTrainer(Trainer):
         if self._dp_optimizer.accountant.steps != self.state.global_step:
             raise refusal("checkpoint-steps", checkpoint=checkpoint, accounted=self._dp_optimizer.accountant.steps,
                           trained=self.state.global_step)
-        path = os.path.join(checkpoint, SAMPLER_STATE)
+        path = self._sampler_state_path(checkpoint)
         if not os.path.isfile(path):
             raise refusal("checkpoint-not-dp", path=path)
         mid_epoch = self.state.global_step % self._sampler.batches_per_epoch != 0 and not self.args.ignore_data_skip
@@ -282,8 +303,11 @@ def _refuse_unsupported_args(args: DPTrainingArguments) -> None:
         raise ValueError("DPTrainer does not support DeepSpeed: its engine owns the backward, gradient "
                          "accumulation and clipping. Train without deepspeed=")
     if args.fsdp:
-        raise ValueError("DPTrainer does not support FSDP through the Trainer; see fxclip.distributed "
-                         "(privatize, then fully_shard) for sharded DP-SGD")
+        raise ValueError("DPTrainer does not support FSDP through the Trainer (accelerate would shard the "
+                         "model before fxclip privatizes it). Use DPTrainer with torchrun for data "
+                         "parallelism (replicated model), or for sharded DP-SGD your own loop with "
+                         "fxclip.privatize then torch.distributed.fsdp.fully_shard and "
+                         "fxclip.distributed.DistributedDPOptimizer (docs/distributed.md)")
     strategy = "group_by_length" if getattr(args, "group_by_length", False) else args.train_sampling_strategy
     if strategy != "random":
         raise ValueError(f"train_sampling_strategy={strategy!r} is not Poisson sampling, "
