@@ -54,6 +54,9 @@ JSON_SCHEMA: dict = {
                 "loss_reduction": {"enum": ["mean", "sum"]},
                 "inputs": {"type": "array", "items": {"type": "string"},
                            "description": "shape and dtype of each example input"},
+                "privacy_unit": {"type": ["string", "null"],
+                                 "description": "how rows were grouped into privacy units (privacy_unit ids); "
+                                 "null: each row is a unit"},
             },
         },
         "parameters": {
@@ -168,7 +171,8 @@ JSON_SCHEMA: dict = {
 # --------------------------------------------------------------------------- running the pass
 
 def explain(model: nn.Module, *example_inputs, max_grad_norm: float | None = None,
-            loss_reduction: str | None = None, loss_fn=None) -> "Explanation":
+            loss_reduction: str | None = None, loss_fn=None, privacy_unit=None,
+            unit_reduction: str | None = None) -> "Explanation":
     """Run one privatized forward+backward of `model` on `example_inputs` and explain the rewrite.
 
     `model` is a plain module, a `PrivatizedModule` (its max_grad_norm / loss_reduction are the
@@ -176,7 +180,9 @@ def explain(model: nn.Module, *example_inputs, max_grad_norm: float | None = Non
     forked RNG, so the caller's parameters, `.grad`, buffers, RNG state and privatized module are
     left exactly as they were. The loss is the sum of all floating outputs (divided by the batch
     size for loss_reduction="mean"), unless `loss_fn(output) -> scalar` is given; which rule each
-    parameter gets depends on shapes only, not on the loss.
+    parameter gets depends on shapes only, not on the loss. `privacy_unit` (B,) ids explains the
+    rewrite with privacy units (docs/privacy-units.md): each parameter's row then says how its
+    unit norm is computed.
     """
     from .privatize import PrivatizedModule, privatize
 
@@ -184,6 +190,7 @@ def explain(model: nn.Module, *example_inputs, max_grad_norm: float | None = Non
     if isinstance(inner, PrivatizedModule):
         max_grad_norm = inner.max_grad_norm if max_grad_norm is None else max_grad_norm
         loss_reduction = inner.loss_reduction if loss_reduction is None else loss_reduction
+        unit_reduction = inner.unit_reduction if unit_reduction is None else unit_reduction
         inner = inner.module
     inner = getattr(inner, "_orig_mod", inner)
     if not isinstance(inner, nn.Module):
@@ -194,12 +201,14 @@ def explain(model: nn.Module, *example_inputs, max_grad_norm: float | None = Non
         raise ValueError("explain needs example inputs (batch dimension first)")
 
     work = copy.deepcopy(inner)
-    pm = privatize(work, max_grad_norm=max_grad_norm, loss_reduction=loss_reduction)
+    pm = privatize(work, max_grad_norm=max_grad_norm, loss_reduction=loss_reduction,
+                   unit_reduction=unit_reduction or "sum")
+    units = {} if privacy_unit is None else {"privacy_unit": privacy_unit}
     pm._loss_warned = True  # the report below says whether the loss is checked: no warning too
     batch = next((x.shape[0] for x in tree_leaves(example_inputs)
                   if isinstance(x, torch.Tensor) and x.dim() > 0), 1)
     with torch.random.fork_rng(), torch.enable_grad():
-        out = pm(*example_inputs)
+        out = pm(*example_inputs, **units)
         if loss_fn is not None:
             loss = loss_fn(out)
         else:
@@ -499,7 +508,8 @@ class Explanation:
                 + ("loss: checked (loss_fn traced with the model; only a sum/mean may follow)"
                    if self.report.loss_checked else
                    "loss: unchecked (computed outside the privatized model: pass loss_fn= to "
-                   "fxclip.privatize to prove it keeps samples apart)"))
+                   "fxclip.privatize to prove it keeps samples apart)")
+                + (f"\nprivacy unit: {self.report.privacy_unit}" if self.report.privacy_unit else ""))
         cols = ["parameter", "module", "op", "rule", "strategy", "decided by", "+FLOPs", "+memory", "uses"]
         table = []
         for row in self.rows():
@@ -519,9 +529,16 @@ class Explanation:
 
         out = [head, "", line(cols), line(["-" * w for w in widths])]
         out += [line(r) for r in table]
+        out += self.unit_lines()
         out += self.decline_lines()
         out += ["", "summary:"] + ["  " + s for s in self.summary_lines()]
         return "\n".join(out)
+
+    def unit_lines(self) -> list[str]:
+        """With privacy units: how each parameter's per-unit squared norm is computed."""
+        lines = [f"  {row['name']}: {row['shapes']['unit norm']}" for row in self.rows()
+                 if "unit norm" in row["shapes"]]
+        return ["", "unit norms (privacy units):"] + lines if lines else []
 
     def decline_lines(self) -> list[str]:
         """Why each parameter off its best rule is there: every rule that applied and declined."""
@@ -548,7 +565,7 @@ class Explanation:
             "schema_version": SCHEMA_VERSION,
             "model": {"class": self.model_class, "batch_size": str(self.report.batch_size),
                       "max_grad_norm": self.max_grad_norm, "loss_reduction": self.loss_reduction,
-                      "inputs": list(self.inputs)},
+                      "inputs": list(self.inputs), "privacy_unit": self.report.privacy_unit or None},
             "parameters": self.rows(),
             "frozen": list(self.report.frozen),
             "unused": list(self.report.unused),

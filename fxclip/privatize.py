@@ -21,6 +21,7 @@ from .passes.refusals import refusal
 
 LOSS_REDUCTIONS = ("mean", "sum")
 NONFINITE_POLICIES = ("refuse", "drop")
+UNIT_REDUCTIONS = ("sum", "mean")
 
 # Non-tensor inputs taken as constants shared by every sample (flags, sizes, names).
 _CONSTANTS = (type(None), bool, int, float, complex, str, torch.dtype, torch.device, enum.Enum, slice,
@@ -30,7 +31,7 @@ class PrivatizedModule(nn.Module):
     """`model` with per-sample clipped gradients; shares the model's parameters and buffers."""
 
     def __init__(self, model: nn.Module, max_grad_norm: float, loss_reduction: str, clipping="flat",
-                 nonfinite: str = "refuse", loss_fn=None, grad_scaler=None):
+                 nonfinite: str = "refuse", loss_fn=None, grad_scaler=None, unit_reduction: str = "sum"):
         super().__init__()
         self.module = model
         self.loss_reduction = loss_reduction
@@ -38,11 +39,12 @@ class PrivatizedModule(nn.Module):
         self.nonfinite = nonfinite
         self.loss_fn = loss_fn
         self.grad_scaler = grad_scaler
+        self.unit_reduction = unit_reduction
         self._scaled = grad_scaler is not None and grad_scaler.is_enabled()
         self._group_of = _clipping_groups(model, clipping)
         self._labels = list(dict.fromkeys(self._group_of.values()))
         self._table = _ParamTable([n for n, _ in model.named_parameters()], self._group_of, self._labels,
-                                  loss_reduction == "mean", new_owner())
+                                  loss_reduction == "mean", new_owner(), unit_reduction == "mean")
         device = _device_of(model)
         # Runtime values the graph reads and writes on the device (non-persistent: not in
         # state_dict). Tensors, not Python numbers, so that changing them never recompiles.
@@ -161,11 +163,13 @@ class PrivatizedModule(nn.Module):
 
     def forward(self, *args, **kwargs):
         if not (torch.is_grad_enabled() and any(_trainable(self._current_params()))):
+            kwargs.pop("privacy_unit", None)  # nothing is clipped: the units play no part
             if self.loss_fn is not None and "target" in kwargs:
                 target = kwargs.pop("target")
                 return self.loss_fn(self.module(*args, **kwargs), target)
             return self.module(*args, **kwargs)
         _check_inputs(args, kwargs)  # eager: before any tracing, so its errors are plain
+        _check_unit_ids(kwargs.get("privacy_unit"))
         if torch.compiler.is_compiling():  # public API: few guards
             return self._marked_forward(*args, **kwargs)
         if self._eager is None:
@@ -192,12 +196,14 @@ class PrivatizedModule(nn.Module):
     def _marked_forward(self, *args, **kwargs):
         checked = self.loss_fn is not None and "target" in kwargs
         target = kwargs.pop("target") if checked else None
-        _check_batch_sizes(_tensor_leaves(args, kwargs))
+        units = kwargs.pop("privacy_unit", None)
+        _check_batch_sizes(_tensor_leaves(args, kwargs) + ([] if units is None else [units]))
         everything = self._current_params()
         trainable = _trainable(everything)  # guarded by each parameter's tensor guard
         params = [p for p, t in zip(everything, trainable) if t]
-        spec = _spec_args(self._table, trainable, checked)
-        runtime = (self._fxclip_state, self._fxclip_thresholds, self._loss_scale())
+        spec = _spec_args(self._table, trainable, checked, units is not None)
+        # the ids travel as a runtime tensor (never a constant): new ids every step, no recompile
+        runtime = (self._fxclip_state, self._fxclip_thresholds, self._loss_scale(), units)
         args, kwargs, target = (_map_tensors(ops.BATCH_INPUT, t) for t in (args, kwargs, target))
         out = self.module(*args, **kwargs)
         if checked:  # the pass checks that these are per-sample losses (B,)
@@ -217,12 +223,12 @@ class _ParamTable:
     thresholds), with the rest of the spec fixed at privatize(). Traced code reads it only
     through the constant-result functions below: Dynamo guards its identity, not every name in it."""
 
-    def __init__(self, names: list, group_of: dict, labels: list, mean: bool, owner: str):
+    def __init__(self, names: list, group_of: dict, labels: list, mean: bool, owner: str, unit_mean: bool):
         index = {g: i for i, g in enumerate(labels)}
         self.names = tuple(names)
         self.groups = tuple(index[group_of[n]] for n in self.names)
         self.paths = tuple(tuple(n.split(".")) for n in self.names)
-        self.mean, self.owner = mean, owner
+        self.mean, self.owner, self.unit_mean = mean, owner, unit_mean
 
 
 @_torch.assume_constant_result
@@ -239,14 +245,14 @@ def _parameter(module: nn.Module, path: tuple):
 
 
 @_torch.assume_constant_result
-def _spec_args(table: _ParamTable, trainable: tuple, checked_loss: bool) -> tuple:
+def _spec_args(table: _ParamTable, trainable: tuple, checked_loss: bool, units: bool) -> tuple:
     """The ClipSpec as batch_output carries it. Computed once per compile: `trainable` is a
     constant of the traced graph."""
     picked = [(n, g) for n, g, t in zip(table.names, table.groups, trainable) if t]
     return ClipSpec(names=tuple(n for n, _ in picked),
                     frozen=tuple(n for n, t in zip(table.names, trainable) if not t),
                     groups=tuple(g for _, g in picked), mean=table.mean, checked_loss=checked_loss,
-                    owner=table.owner).to_args()
+                    owner=table.owner, units=units, unit_mean=units and table.unit_mean).to_args()
 
 
 def _trainable(params) -> tuple:
@@ -322,6 +328,16 @@ def _check_batch_sizes(tensors) -> None:
                       sizes=", ".join(f"input {i}: {t.shape[0]}" for i, t in enumerate(tensors)))
 
 
+def _check_unit_ids(units) -> None:
+    """privacy_unit: one integer id per row, (B,)."""
+    if units is None:
+        return
+    if not isinstance(units, torch.Tensor) or units.dim() != 1 or units.is_floating_point() \
+            or units.is_complex() or units.dtype == torch.bool:
+        what = f"{tuple(units.shape)} {units.dtype}" if isinstance(units, torch.Tensor) else type(units).__name__
+        raise TypeError(f"privacy_unit must be a (B,) tensor of integer ids, one per row, got {what}")
+
+
 def _check_inputs(args, kwargs) -> None:
     """Tensor leaves (of any pytree: tuples, lists, dicts) are per-sample data with the batch in
     dim 0, all of one batch size; other leaves must be plain constants shared by every sample."""
@@ -357,7 +373,7 @@ class _NoDoubleBackward(torch.autograd.Function):
 
 def privatize(model: nn.Module, *, max_grad_norm: float, loss_reduction: str = "mean",
               clipping="flat", nonfinite: str = "refuse", loss_fn=None,
-              grad_scaler=None) -> PrivatizedModule:
+              grad_scaler=None, unit_reduction: str = "sum") -> PrivatizedModule:
     """Return a module whose backward adds `sum_i R_i grad_i` to each trainable parameter's
     .grad (divided by B for loss_reduction="mean"), R_i = min(1, C / (||grad_i|| + 1e-6)).
 
@@ -381,6 +397,12 @@ def privatize(model: nn.Module, *, max_grad_norm: float, loss_reduction: str = "
     every backward and the scaled gradient clipped at S*C, so after unscale_ the gradients and
     per_sample_norms are those of the unscaled step.
 
+    privacy units (docs/privacy-units.md): `pm(x, privacy_unit=ids)` (with or without target=)
+    clips the gradient of each GROUP of rows with equal ids (a user, a sample's augmented copies,
+    a micro-batch) instead of each row: g_u = sum of its rows' gradients (unit_reduction="sum")
+    or their mean ("mean"), R_u = min(1, C / (||g_u|| + 1e-6)), and the parameter gradient is
+    sum_u R_u g_u (divided by B for loss_reduction="mean"). ids are any integers, new every step.
+
     The model keeps its parameters and buffers (the same objects); pm.state_dict() has the
     model's keys; fxclip.unprivatize(pm) returns the model.
     """
@@ -393,6 +415,8 @@ def privatize(model: nn.Module, *, max_grad_norm: float, loss_reduction: str = "
         raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
     if nonfinite not in NONFINITE_POLICIES:
         raise ValueError(f"nonfinite must be 'refuse' or 'drop', got {nonfinite!r}")
+    if unit_reduction not in UNIT_REDUCTIONS:
+        raise ValueError(f"unit_reduction must be 'sum' or 'mean', got {unit_reduction!r}")
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable (output, target) -> per-sample losses, got {loss_fn!r}")
     if grad_scaler is not None:
@@ -401,7 +425,7 @@ def privatize(model: nn.Module, *, max_grad_norm: float, loss_reduction: str = "
     _compile.install()
     _compile.trace_recurrent_modules(model)
     return PrivatizedModule(model, max_grad_norm, loss_reduction, clipping, nonfinite, loss_fn,
-                            grad_scaler)
+                            grad_scaler, unit_reduction)
 
 
 def _refuse_unsupported_modules(model: nn.Module) -> None:

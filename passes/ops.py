@@ -24,13 +24,14 @@ def _(x):
 
 # The output marker's schema comes from ClipSpec's fields: y, the trainable parameters, the
 # runtime tensors the graph reads (the device state, each clipping group's threshold C_g, the
-# loss scale S of a connected GradScaler, else 1), then the spec.
+# loss scale S of a connected GradScaler, else 1, the (B,) privacy-unit ids or None), then the spec.
 _LIB = torch.library.Library("fxclip", "FRAGMENT")
 _LIB.define("batch_output(Tensor y, Tensor[] params, Tensor state, Tensor thresholds, Tensor scale, "
+            "Tensor? units, "
             f"{ClipSpec.schema_args()}) -> Tensor")
 
 
-def _batch_output(y, params, state, thresholds, scale, *spec):
+def _batch_output(y, params, state, thresholds, scale, units, *spec):
     raise refusal("not-rewritten")
 
 
@@ -38,7 +39,7 @@ _LIB.impl("batch_output", _batch_output, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("fxclip::batch_output", lib=_LIB)
-def _(y, params, state, thresholds, scale, *spec):
+def _(y, params, state, thresholds, scale, units, *spec):
     return torch.empty_like(y)
 
 
@@ -69,7 +70,7 @@ def _output_setup(ctx, inputs, output):
 
 
 def _output_backward_marked(ctx, grad):
-    return (output_grad(grad), [None] * ctx.n_params) + (None,) * (3 + ClipSpec.arity())
+    return (output_grad(grad), [None] * ctx.n_params) + (None,) * (4 + ClipSpec.arity())
 
 
 torch.library.register_autograd("fxclip::batch_output", _output_backward_marked,

@@ -32,7 +32,7 @@ class PassState:
     batch_inputs: list = field(default_factory=list)  # the marked model inputs
     model_outputs: list = field(default_factory=list)  # the marked model outputs
     seeds: list = field(default_factory=list)  # the gradients arriving at the model outputs
-    runtime: tuple = ()  # the device state, the thresholds, the loss scale (graph nodes)
+    runtime: tuple = ()  # the device state, the thresholds, the loss scale, the unit ids or None (nodes)
     grad_slots: dict = field(default_factory=dict)  # parameter placeholder -> output position
     batch_size: object = None  # B: an int or a SymInt
     layouts: dict = field(default_factory=dict)  # node -> Layout of its batch
@@ -42,6 +42,7 @@ class PassState:
     declines: dict = field(default_factory=dict)  # parameter placeholder -> [(rule, reason)]
     norm_terms: dict = field(default_factory=dict)  # clipping group -> per-parameter squared norms
     clip_of: dict = field(default_factory=dict)  # clipping group -> its (B,) clip factors node
+    unit_index: object = None  # privacy units: (B,) node, each row's unit as a row index
     specialized: bool = False  # a route fixed the symbolic batch size (warned once)
     report: RewriteReport | None = None
 

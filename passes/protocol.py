@@ -28,6 +28,8 @@ class ClipSpec:
     mean: bool  # loss_reduction="mean": the output gradient carries 1/B
     checked_loss: bool  # the outputs are the per-sample losses of privatize(loss_fn=...)
     owner: str  # the privatized module's number in this process (see ReportKey)
+    units: bool = False  # pm(x, privacy_unit=ids): rows with equal ids are clipped as one unit
+    unit_mean: bool = False  # unit_reduction="mean": a unit's gradient is its rows' MEAN, not sum
 
     # How each field travels in the marker op's schema (str[] is no schema type: joined).
     _WIRE = {tuple[str, ...]: ("str", "\n".join, lambda s: tuple(s.split("\n")) if s else ()),
@@ -99,9 +101,11 @@ class DeviceState:
         "unclipped",    # real samples whose norm was <= C (adaptive clipping's count)
         "owners",       # DPOptimizers that own the module: while > 0, loss_reduction="mean" leaves
                         # the clipped SUM (R_i scaled by this backward's rows), which they noise
+        "units",        # real privacy units seen (= samples without privacy_unit ids): what a
+                        # DPOptimizer noising per unit divides by (its expected count)
     )
     INDEX = {name: i for i, name in enumerate(FIELDS)}
-    CUMULATIVE = ("nonfinite", "bad_seed", "samples", "backwards", "unclipped")
+    CUMULATIVE = ("nonfinite", "bad_seed", "samples", "backwards", "unclipped", "units")
 
     def __init__(self, tensor: torch.Tensor):
         self.tensor = tensor

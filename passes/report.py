@@ -40,6 +40,8 @@ class RewriteReport:
     # was refused and the reduction after it is checked; else the loss outside is unchecked
     loss_checked: bool = False
     key: ReportKey | None = None  # which compiled graphs this report describes
+    # privacy units (pm(x, privacy_unit=ids)): how rows were grouped; "" = each row is a unit
+    privacy_unit: str = ""
 
     def param_names(self) -> frozenset:
         """The trainable parameters of the rewritten model (used in the forward or not)."""

@@ -95,6 +95,17 @@ def instantiate_cost(batch: int, T: int, m: int, k: int, groups: int = 1) -> tup
     return flops, held, traffic + flops / FLOPS_PER_BYTE
 
 
+def unit_gram_cost(batch: int, T: int, m: int, k: int) -> tuple[int, int, float]:
+    """(extra FLOPs, held bytes, cost) of a privacy unit's norm by Grams (rules/units.py): units
+    are any rows of the batch, so the Grams pair ALL B*T rows, (B T)^2 (m + k) FLOPs, masked to
+    the pairs within a unit; against instantiate_cost of the B per-sample (m x k) gradients."""
+    n = batch * T
+    flops = 2 * n * n * (m + k) + 2 * n * n
+    held = FLOAT_BYTES * 2 * n * n
+    traffic = FLOAT_BYTES * (n * (m + k) + 2 * n * n)
+    return flops, held, traffic + flops / FLOPS_PER_BYTE
+
+
 @dataclass
 class Candidates:
     """Both strategies of one layer, runnable for timing: make_inputs() builds real tensors of

@@ -1,7 +1,7 @@
 """Shared (tied, reused) parameters: the exact norm of a parameter's TOTAL per-sample gradient.
 
-A parameter used by several ops gets one gradient contribution per use (rewrite.py splits the
-top-level sum). With G_i = sum_k G_ik,
+A parameter used by several ops gets one gradient contribution per use (stages/routing.py splits
+the top-level sum). With G_i = sum_k G_ik,
 
     ||G_i||^2 = sum_k ||G_ik||^2 + 2 sum_{k<l} <G_ik, G_il>
 
@@ -197,7 +197,9 @@ def shared_reweighted(routes, ctx, clip):
 
 
 def strategy_of(routes) -> str:
-    """"ghost" when every use and every cross term of a parameter avoided per-sample gradients."""
-    if all(r.strategy == "ghost" and not getattr(r, "cross_instantiated", False) for r in routes):
+    """"ghost" when every use, every cross term and (privacy units) the unit norm of a parameter
+    avoided per-sample gradients."""
+    if all(r.strategy == "ghost" and not getattr(r, "cross_instantiated", False)
+           and not getattr(r, "unit_instantiated", False) for r in routes):
         return "ghost"
     return "instantiate"

@@ -1,6 +1,9 @@
 """Stages "norms" and "clip": each sample's squared gradient norm per clipping group, then the
 clip factors R_g = min(1, C_g / (n_g + 1e-6)), computed on the device with the device state
-(protocol.DeviceState) updated in the same graph."""
+(protocol.DeviceState) updated in the same graph.
+
+With privacy units (pm(x, privacy_unit=ids)), the "sample" is a unit: every row holds its
+unit's squared norm (rules/units.py) and its unit's clip factor."""
 from __future__ import annotations
 
 import warnings
@@ -11,16 +14,23 @@ from .. import ops
 from ..layout import as_int
 from ..protocol import DeviceState
 from ..rules.shared import shared_norm_sq
+from ..rules.units import unit_index, unit_norm_sq, unit_sizes
 
 
 def add_norms(state) -> None:
     """For each clipping group, the per-parameter squared-norm nodes of its parameters."""
     ctx, group_of = state.ctx, dict(zip(state.params, state.spec.groups))
+    if state.spec.units and state.routes:
+        state.builder.tag = {"param": None, "role": "norm"}
+        device_state, ids = state.runtime[0], state.runtime[3]
+        state.unit_index = state.builder.call(unit_index, ids, device_state)
     for param, found in state.routes.items():
         name = state.params[param]
         ctx.for_param(param)
         state.builder.tag = {"param": name, "role": "norm"}
-        if len(found) == 1:
+        if state.unit_index is not None:
+            term = unit_norm_sq(found, ctx, state.unit_index)
+        elif len(found) == 1:
             term = found[0].norm_sq(ctx)
         else:  # a shared parameter: the norm of its TOTAL per-sample gradient, cross terms included
             term = shared_norm_sq(found, ctx)
@@ -33,7 +43,7 @@ def add_clip_factors(state) -> None:
     builder, spec = state.builder, state.spec
     builder.tag = {"param": None, "role": "clip"}
     bref = state.batch_inputs[0]
-    device_state, thresholds, scale = state.runtime
+    device_state, thresholds, scale, _ = state.runtime
     if state.empty_batch:
         state.clip_of = {None: builder.call(_zero_norms, bref, device_state)}
         return
@@ -42,14 +52,17 @@ def add_clip_factors(state) -> None:
     groups = sorted(state.norm_terms)
     group_sq = [builder.call(lambda *ts: sum(ts), *state.norm_terms[g]) for g in groups]
     seed = state.seeds[0] if spec.checked_loss else bref
-    factors = builder.call(clip_fn(groups, spec.mean, spec.checked_loss), bref, device_state,
-                           thresholds, scale, seed, *group_sq)
+    units = [state.unit_index] if state.unit_index is not None else []
+    factors = builder.call(clip_fn(groups, spec.mean, spec.checked_loss, bool(units), spec.unit_mean), bref,
+                           device_state, thresholds, scale, seed, *units, *group_sq)
     state.clip_of = {g: builder.call(_row(i), factors) for i, g in enumerate(groups)}
 
 
-def clip_fn(groups: list, mean: bool, checked_loss: bool):
-    """(state, thresholds, scale, loss seed, per-group squared norms) -> (G, B) clip factors
-    R_g = min(1, C_g / (n_g + 1e-6)), recording norms, counts and flags in the device state.
+def clip_fn(groups: list, mean: bool, checked_loss: bool, units: bool = False, unit_mean: bool = False):
+    """(state, thresholds, scale, loss seed, [unit index,] per-group squared norms) -> (G, B)
+    clip factors R_g = min(1, C_g / (n_g + 1e-6)), recording norms, counts and flags in the
+    device state. With units, the norms are the units' (each row holds its unit's), a unit
+    is counted once, and unit_mean divides each row's gradient by its unit's size.
 
     All of it runs on the device: thresholds and the loss scale are runtime tensors (no
     recompile when they change) and problems become flags, never a host sync. A sample that is
@@ -57,18 +70,26 @@ def clip_fn(groups: list, mean: bool, checked_loss: bool):
     """
     field = DeviceState.field
 
-    def clip(bref, state, thresholds, scale, seed, *group_sq):
+    def clip(bref, state, thresholds, scale, seed, *rest):
         batch = bref.shape[0]
+        index, group_sq = (rest[0], rest[1:]) if units else (None, rest)
         norms = torch.stack(group_sq).sqrt()  # norms of the gradient as it arrived
         if mean:  # the output gradient carried 1/B: undo it to clip grad L_i itself
             norms = norms * batch
         norms = norms / scale.to(norms.dtype).reshape(())  # a connected GradScaler's S
+        if unit_mean:  # g_u = mean of the unit's rows: each row's gradient / the unit's size
+            sizes = unit_sizes(index).to(norms.dtype)
+            norms = norms / sizes
         limit = torch.stack([thresholds[g] for g in groups]).to(norms.dtype)
         total = norms.square().sum(0).sqrt()
         real = torch.arange(batch, device=norms.device) < field(state, "valid_rows")
         finite = torch.isfinite(total)
         factor = (limit[:, None] / (norms + 1e-6)).clamp(max=1.0)
         factor = torch.where(real & finite, factor, torch.zeros_like(factor))
+        if unit_mean:
+            factor = factor / sizes
+        # a unit is counted once: at its first real row (every row, without units)
+        first = real if index is None else real & (index == torch.arange(batch, device=index.device))
         if mean:  # a DPOptimizer wants the sum: scale R by this backward's B, not the gradient
             factor = factor * (1 + (batch - 1) * (field(state, "owners") > 0).to(factor.dtype))
         counts = {
@@ -76,7 +97,8 @@ def clip_fn(groups: list, mean: bool, checked_loss: bool):
             "bad_seed": _bad_seed(seed, batch, mean, scale) if checked_loss else real.new_zeros(()),
             "samples": real.sum(),
             "backwards": real.new_ones(()),
-            "unclipped": (real & (total <= limit.square().sum().sqrt())).sum(),
+            "unclipped": (first & (total <= limit.square().sum().sqrt())).sum(),
+            "units": first.sum(),
         }
         updated = DeviceState.updated(state, counts, torch.ones_like(total).sum())
         return ops.record_step(total.where(real, torch.zeros_like(total)), updated, state, factor)

@@ -47,9 +47,10 @@ def _markers(graph, target):
 
 
 def _read_spec(outputs) -> tuple[ClipSpec, tuple]:
-    """(the spec, the runtime tensors' nodes: state, thresholds, scale); see ops.batch_output."""
-    specs = {tuple(n.args[5:]) for n in outputs}
-    runtimes = {tuple(n.args[2:5]) for n in outputs}
+    """(the spec, the runtime tensors' nodes: state, thresholds, scale, unit ids or None); see
+    ops.batch_output."""
+    specs = {tuple(n.args[6:]) for n in outputs}
+    runtimes = {tuple(n.args[2:6]) for n in outputs}
     if len(specs) != 1 or len(runtimes) != 1:
         raise refusal("several-models")
     return ClipSpec.from_args(specs.pop()), runtimes.pop()

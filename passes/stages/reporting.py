@@ -34,7 +34,13 @@ def report(state) -> None:
     state.report = RewriteReport(
         params=rows, frozen=list(state.spec.frozen), batch_size=str(state.batch_size), graph=copy,
         added=added, unused=[params[p] for p in params if p not in state.routes],
-        loss_checked=state.spec.checked_loss, key=ReportKey.of(state.spec))
+        loss_checked=state.spec.checked_loss, key=ReportKey.of(state.spec), privacy_unit=_unit_text(state.spec))
+
+
+def _unit_text(spec) -> str:
+    if not spec.units:
+        return ""
+    return f"groups of rows by privacy_unit ids, unit_reduction={'mean' if spec.unit_mean else 'sum'}"
 
 
 def _module_and_ops(param: fx.Node):
