@@ -12,7 +12,8 @@
 #     CHECK_BS_MLP=4 MEM_MODELS=mlp THREADS=2 TOTAL=3600 T_CONF=900 T_CHECK=500 T_MEM=400 \
 #     bash bench/gpu_check.sh
 # Then the BERT table (bench/bert_table.py: plain, fxclip, Opacus vanilla/FGC/ghost, B = 32..2048,
-# T = 128, peak CUDA memory and s/step) -> $RES/bert_table.{json,png}; BERT=0 skips it.
+# T = 128, peak CUDA memory and s/step) -> $RES/bert_table.{json,png}; BERT=0 skips it. Last, the
+# pretrained fine-tuning example on the device (FINETUNE=0 skips it) -> $RES/finetune_pretrained.log.
 # COPY_TO=DIR copies the results folder into DIR at the end (e.g. a device runner's output folder).
 # Exit status: 1 if a conformance check or a gradient check failed, 2 if nothing could run, else 0.
 set -u
@@ -168,6 +169,16 @@ if [ "$BERT" = 1 ]; then
     --max-inst-gb "$BERT_INST_GB" --deadline-s $(( T_BERT - 60 )) --cap-s 120 --cache-dir "$CACHE" \
     2>&1 | tail -n 20
   [ ${PIPESTATUS[0]} -eq 124 ] && echo "BERT table: stopped at $T_BERT s (results so far in $RES/bert_table.json)"
+fi
+
+if [ "${FINETUNE:-1}" = 1 ]; then
+  T_FINETUNE=${T_FINETUNE:-300}
+  phase "pretrained fine-tuning (examples/finetune_pretrained.py): plain, eps = 8 and 3 (limit $T_FINETUNE s)"
+  # the head on the frozen encoder (the CPU default), then the top 2 encoder layers trained too
+  timeout "$T_FINETUNE" $PY -W ignore examples/finetune_pretrained.py --device "$DEVICE" 2>&1 \
+    | tee "$RES/finetune_pretrained.log" | tail -n 8
+  timeout "$T_FINETUNE" $PY -W ignore examples/finetune_pretrained.py --device "$DEVICE" --top-layers 2 \
+    --part private --epsilon 8 2>&1 | tee -a "$RES/finetune_pretrained.log" | tail -n 4
 fi
 
 [ -n "${COPY_TO:-}" ] && mkdir -p "$COPY_TO" && cp -r "$RES" "$COPY_TO/"
