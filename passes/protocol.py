@@ -137,10 +137,21 @@ class DeviceState:
                 values[len(states) * width:])
 
     def reset(self) -> None:
-        """Zero the cumulative counts and flags."""
+        """Zero the cumulative counts and flags: one multiply by a 0/1 mask (the optimizer resets
+        at every step; one write per field was 5 small ops)."""
         with torch.no_grad():
-            for name in self.CUMULATIVE:
-                self.tensor[self.INDEX[name]] = 0.0
+            self.tensor.mul_(self._keep_mask(self.tensor.device))
+
+    _keep_masks: dict = {}
+
+    @classmethod
+    def _keep_mask(cls, device) -> torch.Tensor:
+        """1 for the fields a reset keeps, 0 for the cumulative ones (cached per device)."""
+        mask = cls._keep_masks.get(device)
+        if mask is None:
+            keep = [0.0 if name in cls.CUMULATIVE else 1.0 for name in cls.FIELDS]
+            mask = cls._keep_masks[device] = torch.tensor(keep, dtype=torch.float32, device=device)
+        return mask
 
     def add(self, name: str, count: float) -> None:
         with torch.no_grad():
