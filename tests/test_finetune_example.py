@@ -4,13 +4,7 @@ frozen layers' hidden states, with attention masks), 2 private steps of Poisson 
 import os
 import sys
 
-import pytest
 import torch
-
-pytest.importorskip("transformers")
-pytest.importorskip("all_minilm_l6_v2")
-pytest.importorskip("sklearn")
-pytest.importorskip("scipy")
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
 import finetune_pretrained as example  # noqa: E402
