@@ -8,6 +8,7 @@ from ..protocol import ReportKey
 from ..report import ParamRoute, RewriteReport, rule_counters
 from ..rules.shared import strategy_of
 from ..viewops import MOVES_VALUES
+from .routing import op_name
 
 
 def report(state) -> None:
@@ -54,7 +55,7 @@ def _module_and_ops(param: fx.Node):
         if user.target in MOVES_VALUES:
             stack.extend(user.users)
             continue
-        name = str(user.target).replace("aten.", "")
+        name = op_name(user)
         if name not in ops_used:
             ops_used.append(name)
         if not module and user.meta.get("nn_module_stack"):

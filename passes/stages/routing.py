@@ -42,7 +42,7 @@ def route_contribution(contribution: Contribution, ctx: Context, declines: list)
         found = match(contribution, ctx)
         if isinstance(found, Route):
             if found.rule == "fallback" and not applicable:
-                declines.append(("no rule", f"none covers a gradient computed by {_op_name(contribution.root)}"))
+                declines.append(("no rule", f"none covers a gradient computed by {op_name(contribution.root)}"))
             return found
         if found.applies:
             applicable = True
@@ -50,7 +50,8 @@ def route_contribution(contribution: Contribution, ctx: Context, declines: list)
     raise AssertionError("the fallback rule matches every contribution")
 
 
-def _op_name(node: fx.Node) -> str:
+def op_name(node: fx.Node) -> str:
+    """An op as explain names it: `addmm.default`; a non-call node by its name."""
     return str(node.target).replace("aten.", "") if node.op == "call_function" else node.name
 
 
