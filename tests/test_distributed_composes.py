@@ -34,6 +34,13 @@ LR = 0.5
 N = 48            # dataset size
 PER_RANK = 3      # the loader's batch_size: expected Poisson batch per rank
 SIZES = {2: (5, 3), 4: (5, 3, 0, 4)}  # the fixed batches' sizes per rank: unequal, one empty
+STEPS = 3  # a run, as a training loop: each step's batches (and each rank's size) differ
+
+
+def _step_sizes(world, step):
+    sizes = SIZES[world]
+    k = step % len(sizes)
+    return sizes[k:] + sizes[:k]
 
 
 def per_sample_ce(out, y):
@@ -56,10 +63,11 @@ def _dataset():
                          torch.randint(0, 3, (N,), generator=g))
 
 
-def _batches(world, sizes=None):
-    """Fixed batches of each rank (the same on every rank: the union is known everywhere)."""
-    g = torch.Generator().manual_seed(7)
-    sizes = sizes or SIZES[world]
+def _batches(world, sizes=None, step=0):
+    """Fixed batches of each rank (the same on every rank: the union is known everywhere); step k
+    gets fresh data and the sizes rotated by k among the ranks."""
+    g = torch.Generator().manual_seed(7 + step)
+    sizes = sizes or _step_sizes(world, step)
     xs = [torch.randn(b, 6, generator=g, dtype=torch.float64) * 3 for b in sizes]
     return xs, [torch.randint(0, 3, (b,), generator=g) for b in sizes]
 
@@ -109,25 +117,31 @@ def _scaler():
 # --------------------------------------------------------------------------------------------
 
 def _union(rank, world, *, micro=None, scaler=False, compiled=False, **options):
-    """One step on W ranks == one step of one process on the union of the ranks' batches."""
-    xs, ys = _batches(world)
+    """STEPS steps on W ranks == the same steps of one process on the union of the ranks'
+    batches, compared after every step (batch sizes change from step to step)."""
     sc = _scaler() if scaler else None
     model, module, opt, _ = _private(world, grad_scaler=sc, **options)
     before = _flat(model)
     run = torch.compile(module) if compiled else module
-    _step(run, opt, xs[rank], ys[rank], micro=micro, scaler=sc)
-    out = {"replicas": _differs_from_rank0(_flat(model)), "batch": opt.last_batch_size,
-           "local": opt.last_local_batch_size, "moved": (_flat(model) - before).abs().max().item(),
-           "C": module.max_grad_norm if hasattr(module, "max_grad_norm") else None,
-           "opt": type(opt).__name__}
     if rank == 0:
         options.pop("ddp", None)
         ref_sc = _scaler() if scaler else None
         ref, ref_pm, ref_opt, _ = _private(world, distributed=False, grad_scaler=ref_sc, **options)
-        _step(ref_pm, ref_opt, torch.cat(xs), torch.cat(ys), micro=micro, scaler=ref_sc)
-        out["err"] = (_flat(model) - _flat(ref)).abs().max().item()
+    out = {"err": 0.0, "clipped": 0, "replicas": 0.0}
+    for step in range(STEPS):
+        xs, ys = _batches(world, step=step)
+        _step(run, opt, xs[rank], ys[rank], micro=micro, scaler=sc)
+        out["replicas"] = max(out["replicas"], _differs_from_rank0(_flat(model)))
+        if rank == 0:
+            _step(ref_pm, ref_opt, torch.cat(xs), torch.cat(ys), micro=micro, scaler=ref_sc)
+            out["err"] = max(out["err"], (_flat(model) - _flat(ref)).abs().max().item())
+            out["clipped"] += int((ref_pm.per_sample_norms > C).sum())
+    out.update({"batch": opt.last_batch_size, "local": opt.last_local_batch_size,
+                "sizes": _step_sizes(world, STEPS - 1), "moved": (_flat(model) - before).abs().max().item(),
+                "C": module.max_grad_norm if hasattr(module, "max_grad_norm") else None,
+                "opt": type(opt).__name__})
+    if rank == 0:
         out["C_ref"] = ref_pm.max_grad_norm
-        out["clipped"] = int((ref_pm.per_sample_norms > C).sum())
     return out
 
 
@@ -294,14 +308,14 @@ def _cases(*names):
 
 @pytest.mark.parametrize("world,name", _cases("plain", "ddp", "per_layer", "accumulation", "grad_scaler",
                                                  "adaptive"))
-def test_one_step_equals_one_process_on_the_union(request, world, name):
+def test_steps_equal_one_process_on_the_union(request, world, name):
     results = get(_job(request, world, name), name)
     r0 = results[0]
-    assert r0["err"] < 1e-12, r0
-    assert r0["moved"] > 1e-3 and r0["clipped"] > 0, r0  # a real step that clipped
+    assert r0["err"] < 1e-12, r0  # after every step
+    assert r0["moved"] > 1e-3 and r0["clipped"] > 0, r0  # real steps that clipped
     for r, res in enumerate(results):
         assert res["replicas"] == 0, (r, res)
-        assert res["batch"] == sum(SIZES[world]) and res["local"] == SIZES[world][r], res
+        assert res["batch"] == sum(SIZES[world]) and res["local"] == res["sizes"][r], res
         assert res["opt"] == "DistributedDPOptimizer"
     if name == "adaptive":  # the unclipped count summed across ranks moved C as one process's
         assert all(res["C"] == pytest.approx(r0["C_ref"], rel=1e-12) for res in results)
