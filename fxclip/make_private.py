@@ -34,6 +34,9 @@ def make_private(
     distributed: bool | None = None,
     process_group=None,
     ddp: bool = False,
+    privacy_unit: str = "example",
+    user_ids=None,
+    max_rows_per_user: int | None = None,
     **privatize_options,
 ):
     """Returns (privatized module, DPOptimizer, data loader) ready for DP-SGD.
@@ -53,6 +56,15 @@ def make_private(
     every Poisson batch to a multiple of k rows with weight-0 rows (fixed shapes for compiled
     and CUDA graphs; same update). adaptive_clipping: an fxclip.AdaptiveClipping. Other keyword
     arguments (clipping=, ...) go to fxclip.privatize.
+
+    privacy_unit="user" (user-level DP, docs/privacy-units.md): `user_ids` gives each row of the
+    dataset its user (ints or strings); the loader samples USERS, each with probability
+    q = batch_size / number of users, with all their rows or at most `max_rows_per_user` of
+    them, and tells the module each batch's users; the module clips each user's summed gradient
+    (unit_reduction="sum", or "mean") to C; the optimizer divides by the expected number of
+    users per batch (data_loader.batch_size, per rank); epsilon is user-level. The loop is
+    unchanged; a training forward without the loader's ids, or a batch split over several
+    backwards, is refused.
 
     poisson_sampling=False keeps `data_loader` as is. The accountant still assumes Poisson
     sampling, so epsilon is then a heuristic, not a guarantee.
@@ -80,22 +92,33 @@ def make_private(
         raise TypeError(f"data_loader must be a torch DataLoader, got {type(data_loader).__name__}")
     if pad_to_multiple is not None and not poisson_sampling:
         raise ValueError("pad_to_multiple pads Poisson batches: it needs poisson_sampling=True")
+    if privacy_unit not in ("example", "user"):
+        raise ValueError(f"privacy_unit must be 'example' or 'user', got {privacy_unit!r}")
+    by_user = privacy_unit == "user"
+    if by_user and (user_ids is None or not poisson_sampling):
+        raise ValueError("privacy_unit=\"user\" samples users: it needs user_ids= (one per row of the "
+                         "dataset) and poisson_sampling=True")
+    if not by_user and (user_ids is not None or max_rows_per_user is not None):
+        raise ValueError("user_ids= and max_rows_per_user= are for privacy_unit=\"user\"")
     rank, world = _rank_and_world(distributed, process_group)
     if ddp and world is None:
         raise ValueError("ddp=True needs several processes (an initialized process group)")
     ranks = world or 1
-    batch_size = loader_batch_size(data_loader) * ranks  # the global expected batch
-    n = len(data_loader.dataset)
-    sample_rate = batch_size / n
+    batch_size = loader_batch_size(data_loader) * ranks  # the global expected batch (of units)
 
     pm = privatize(model, max_grad_norm=max_grad_norm, loss_reduction=loss_reduction, loss_fn=loss_fn,
                    grad_scaler=grad_scaler, nonfinite=nonfinite, **privatize_options)
-    if poisson_sampling:
+    if by_user:
+        loader = _user_loader(data_loader, user_ids, batch_size, pm, generator=generator,
+                              max_rows_per_user=max_rows_per_user, pad_to_multiple=pad_to_multiple,
+                              rank=rank or 0, world_size=ranks)
+    elif poisson_sampling:
         loader = PoissonDataLoader.from_data_loader(data_loader, generator=generator,
                                                     pad_to_multiple=pad_to_multiple, privatized_module=pm,
                                                     rank=rank or 0, world_size=ranks)
     else:
         loader = data_loader
+    sample_rate = loader.sample_rate if by_user else batch_size / len(data_loader.dataset)
 
     from .accounting import Accountant, noise_multiplier_for  # dp_accounting: at first use
 
@@ -117,6 +140,24 @@ def make_private(
     module = fxd.DistributedDataParallel(pm, process_group=process_group) if ddp else pm
     opt = fxd.DistributedDPOptimizer(optimizer, module, process_group=process_group, **options)
     return module, opt, loader
+
+
+def _user_loader(data_loader: DataLoader, user_ids, batch_size: int, pm, *, rank: int, world_size: int,
+                 **options):
+    """A UserPoissonDataLoader over data_loader's dataset and options; q = expected users per
+    batch / number of users. The module then requires unit ids at every training forward."""
+    from .user_sampling import UserIndex, UserPoissonDataLoader
+
+    users = UserIndex(user_ids)
+    if batch_size > users.num_users:
+        raise ValueError(f"batch_size {batch_size // world_size} x {world_size} rank(s) is the expected number "
+                         f"of users per batch; it exceeds the {users.num_users} users")
+    loader = UserPoissonDataLoader(
+        data_loader.dataset, users, batch_size / users.num_users, privatized_module=pm, rank=rank, world_size=world_size,
+        collate_fn=data_loader.collate_fn, num_workers=data_loader.num_workers, pin_memory=data_loader.pin_memory,
+        timeout=data_loader.timeout, worker_init_fn=data_loader.worker_init_fn, **options)
+    pm.requires_units = True
+    return loader
 
 
 def _rank_and_world(distributed: bool | None, process_group) -> tuple[int | None, int | None]:

@@ -232,6 +232,7 @@ class DPOptimizer(torch.optim.Optimizer):
         self.last_batch_size = None  # samples in the last step (over all ranks)
         self.last_local_batch_size = None
         self.last_micro_batches = None
+        self.last_units = None  # privacy units in the last step (rows, without unit ids)
         self.skipped_steps = 0  # steps a GradScaler skipped for overflow (still accounted)
         self._parts = parts
         self.adaptive_clipping = adaptive_clipping
@@ -396,6 +397,7 @@ class DPOptimizer(torch.optim.Optimizer):
         self.last_batch_size = int(merged["samples"])
         self.last_local_batch_size = int(mine["samples"])
         self.last_micro_batches = int(mine["backwards"])
+        self.last_units = int(merged["units"])
         return merged
 
     def _local_state(self, found_inf) -> torch.Tensor:
@@ -422,6 +424,8 @@ class DPOptimizer(torch.optim.Optimizer):
             refuse = refusal("bad-reduction", reduction=self._parts[0].loss_reduction)
         elif state["no_backward"] > 0:
             refuse = refusal("no-backward")
+        elif self.last_micro_batches > 1 and any(getattr(p, "requires_units", False) for p in self._parts):
+            refuse = refusal("units-several-backwards", count=self.last_micro_batches)
         elif self._noise_bound is not None and self._noise_bound < _module_bound(self._parts) * (1 - 1e-12):
             refuse = refusal("noise-below-clipping", noise=self._noise_bound, bound=_module_bound(self._parts))
         if refuse is not None:

@@ -56,6 +56,8 @@ class PrivatizedModule(nn.Module):
         self._eager = None
         self._eager_report = None
         self._loss_warned = False  # the unchecked-loss warning was given (eager path)
+        self.requires_units = False  # unit-level training: a training forward without ids is refused
+        self._loader_units = None  # the current batch's unit ids, set by a unit-level loader
         self.forward = _compile.own_code(self, "forward")
 
     # --- the clipping threshold: a runtime value ---
@@ -121,6 +123,12 @@ class PrivatizedModule(nn.Module):
         padding and get weight exactly 0 (float("inf"): every row is real)."""
         self.device_state.set("valid_rows", rows)
 
+    def set_unit_ids(self, ids: torch.Tensor | None) -> None:
+        """The coming batch's privacy-unit ids (one per row), from a unit-level loader: training
+        forwards without privacy_unit= use them (None: no loader ids)."""
+        _check_unit_ids(ids)
+        self._loader_units = ids
+
     def check_step(self) -> dict:
         """Raise PrivacyError if a backward since the last check gave a sample an inf/NaN
         gradient (nonfinite="refuse") or met a loss reduction other than the declared sum/mean
@@ -169,7 +177,7 @@ class PrivatizedModule(nn.Module):
                 return self.loss_fn(self.module(*args, **kwargs), target)
             return self.module(*args, **kwargs)
         _check_inputs(args, kwargs)  # eager: before any tracing, so its errors are plain
-        _check_unit_ids(kwargs.get("privacy_unit"))
+        kwargs = self._with_unit_ids(args, kwargs)
         if torch.compiler.is_compiling():  # public API: few guards
             return self._marked_forward(*args, **kwargs)
         if self._eager is None:
@@ -177,6 +185,20 @@ class PrivatizedModule(nn.Module):
         out = self._eager(*args, **kwargs)
         return _map_tensors(lambda y: _NoDoubleBackward.apply(y) if y.is_floating_point() and y.requires_grad
                             else y, out)
+
+    def _with_unit_ids(self, args, kwargs) -> dict:
+        """kwargs with privacy_unit: the caller's, else the loader's ids for this batch; refused
+        when units are required and none are known, or the loader's ids are for another batch."""
+        units = kwargs.get("privacy_unit")
+        if units is None and self._loader_units is not None:
+            rows = _tensor_leaves(args, kwargs)[0].shape[0]
+            if rows != self._loader_units.shape[0]:
+                raise refusal("units-rows-mismatch", expected=self._loader_units.shape[0], got=rows)
+            units = kwargs["privacy_unit"] = self._loader_units
+        if units is None and self.requires_units:
+            raise refusal("units-missing")
+        _check_unit_ids(units)
+        return kwargs
 
     # state_dict keys are the plain model's (no "module." prefix): pm.state_dict() loads into the
     # model and model.state_dict() into pm; "module."-prefixed keys are accepted too.

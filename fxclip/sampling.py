@@ -145,15 +145,7 @@ class PoissonDataLoader(DataLoader):
         super().__init__(dataset, batch_sampler=sampler, collate_fn=collate, **kwargs)
         self.sample_rate = sample_rate
         self.expected_batch_size = sample_rate * len(dataset)
-        if pad_to_multiple is not None:
-            if isinstance(pad_to_multiple, bool) or not isinstance(pad_to_multiple, int) \
-                    or pad_to_multiple <= 0:
-                raise ValueError(f"pad_to_multiple must be a positive int, got {pad_to_multiple!r}")
-            if privatized_module is None:
-                raise ValueError(
-                    "padding rows must get weight 0 in the privatized module's backward: pass "
-                    "privatized_module=pm with pad_to_multiple= (or use fxclip.make_private(..., "
-                    "pad_to_multiple=k), which connects them)")
+        check_pad_to_multiple(pad_to_multiple, privatized_module)
         self.pad_to_multiple = pad_to_multiple
         self.privatized_module = privatized_module
 
@@ -166,10 +158,8 @@ class PoissonDataLoader(DataLoader):
         pm = _unwrap(self.privatized_module)
         try:
             for batch in super().__iter__():
-                rows = _rows(batch)
-                pm.set_valid_rows(rows)
-                yield _pad(batch, max(self.pad_to_multiple, -(-rows // self.pad_to_multiple)
-                                      * self.pad_to_multiple) - rows)
+                pm.set_valid_rows(_rows(batch))
+                yield pad_to(batch, self.pad_to_multiple)
         finally:  # batches from elsewhere are all real
             pm.set_valid_rows(float("inf"))
 
@@ -199,6 +189,25 @@ def loader_batch_size(loader: DataLoader) -> int:
     if not batch_size:
         raise ValueError("cannot infer the expected batch size: give the data loader a batch_size")
     return batch_size
+
+
+def pad_to(batch, multiple: int):
+    """batch with zero rows appended up to a multiple of `multiple` rows (an empty batch: to
+    `multiple`)."""
+    rows = _rows(batch)
+    return _pad(batch, max(multiple, -(-rows // multiple) * multiple) - rows)
+
+
+def check_pad_to_multiple(pad_to_multiple, privatized_module) -> None:
+    if pad_to_multiple is None:
+        return
+    if isinstance(pad_to_multiple, bool) or not isinstance(pad_to_multiple, int) or pad_to_multiple <= 0:
+        raise ValueError(f"pad_to_multiple must be a positive int, got {pad_to_multiple!r}")
+    if privatized_module is None:
+        raise ValueError(
+            "padding rows must get weight 0 in the privatized module's backward: pass "
+            "privatized_module=pm with pad_to_multiple= (or use fxclip.make_private(..., "
+            "pad_to_multiple=k), which connects them)")
 
 
 def _pad(x, extra: int):

@@ -181,6 +181,22 @@ REFUSALS = {
     "parameters-outside-blocks": (
         "trainable parameters outside every block would get unclipped gradients: "
         "{missing}. Add their module to `blocks`, or freeze them."),
+    # --- privacy units ---
+    "units-missing": (
+        "this privatized module clips privacy units (make_private(..., privacy_unit=\"user\")), but "
+        "a training forward got no unit ids: its rows would be clipped one by one while the "
+        "accounting is per unit, so one unit could move the update by more than C. Train on the "
+        "batches of the loader make_private returned (it tells the module each batch's ids), or "
+        "pass privacy_unit=ids yourself."),
+    "units-rows-mismatch": (
+        "the loader's batch has {expected} rows (and unit ids) but this training forward got "
+        "{got} rows: a unit-level batch trains in one forward and one backward (splitting it "
+        "could split a unit, each part clipped to C). Call the module on the whole batch, or pass "
+        "privacy_unit=ids for the rows you pass."),
+    "units-several-backwards": (
+        "{count} backward passes fed this step, but unit-level clipping needs each unit's rows in "
+        "one backward (a unit split over two would be clipped twice, moving the update by up to "
+        "2C). Run one backward per unit-level batch (no gradient accumulation over parts of it)."),
 }
 
 
