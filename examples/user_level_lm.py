@@ -58,7 +58,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.quick:
-        args.public_steps, args.epochs, args.authors_per_batch = 20, 1, 16
+        args.public_steps, args.epochs, args.authors_per_batch, args.length = 20, 2, 16, 32
     return args
 
 
@@ -178,10 +178,10 @@ def private_training(model, tokens, mask, authors, args) -> tuple[float, float, 
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    packages = list(PACKAGES.values())
+    packages = ["sklearn"] if args.quick else list(PACKAGES.values())
     modules = [m for p in packages for m in public_modules(p)]
-    pairs = docstrings_by_author(modules if not args.quick else modules[:40])
-    public = [t for _, t in docstrings_by_author(TORCH_MODULES)]
+    pairs = docstrings_by_author(modules)
+    public = [t for _, t in docstrings_by_author(TORCH_MODULES[:4] if args.quick else TORCH_MODULES)]
     train, test = split_authors(pairs, args.seed)
     train_authors = [a for a, _ in train]
     tokens, mask = encode([t for _, t in train], args.length)
