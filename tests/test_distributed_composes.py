@@ -34,6 +34,7 @@ LR = 0.5
 N = 48            # dataset size
 PER_RANK = 3      # the loader's batch_size: expected Poisson batch per rank
 SIZES = {2: (5, 3), 4: (5, 3, 0, 4)}  # the fixed batches' sizes per rank: unequal, one empty
+USERS = [i % 13 for i in range(N)]  # 13 users, each with rows spread through the dataset
 STEPS = 3  # a run, as a training loop: each step's batches (and each rank's size) differ
 
 
@@ -229,6 +230,34 @@ def _fault(rank, world, kind):
     return out
 
 
+def _user_level(rank, world):
+    """privacy_unit="user": each rank samples its share of the users (disjoint), STEPS steps
+    equal one process on the union of the ranks' batches with their user ids."""
+    model, pm, opt, loader = _private(world, privacy_unit="user", user_ids=USERS)
+    if rank == 0:
+        ref, ref_pm, ref_opt, _ = _private(world, distributed=False, privacy_unit="user", user_ids=USERS)
+    out = {"err": 0.0, "replicas": 0.0, "shared_users": 0, "users": 0}
+    batches = (batch for _ in range(STEPS) for batch in loader)  # epochs of 2 (4 ranks: 1) steps
+    for _ in range(STEPS):
+        x, y = next(batches)
+        gathered = [None] * world
+        dist.all_gather_object(gathered, (x, y, pm._loader_units.clone()))
+        ids = [set(g[2].tolist()) for g in gathered]
+        out["shared_users"] += sum(len(a & b) for i, a in enumerate(ids) for b in ids[i + 1:])
+        out["users"] += len(set().union(*ids))
+        _step(pm, opt, x, y)
+        out["replicas"] = max(out["replicas"], _differs_from_rank0(_flat(model)))
+        if rank == 0:
+            ref_opt.zero_grad()
+            xs, ys, us = (torch.cat([g[k] for g in gathered]) for k in range(3))
+            ref_pm(xs, target=ys, privacy_unit=us).mean().backward()
+            ref_opt.step()
+            out["err"] = max(out["err"], (_flat(model) - _flat(ref)).abs().max().item())
+    batches.close()
+    out.update(q=opt.sample_rate, B=opt.expected_batch_size, units=opt.last_units)
+    return out
+
+
 def _detects_the_process_group(rank, world):
     """fxclip.make_private with no distributed= returns the distributed optimizer and a sharded
     loader; fxclip.distributed.make_private is the same function."""
@@ -259,6 +288,7 @@ SCENARIOS = {
     "nonfinite": lambda r, w: _fault(r, w, "nonfinite"),
     "overflow": lambda r, w: _fault(r, w, "overflow"),
     "detects": _detects_the_process_group,
+    "users": _user_level,
 }
 FAST4 = ("plain", "ddp", "accumulation", "grad_scaler", "adaptive", "pad", "reduction", "nonfinite")
 JOBS = {
@@ -371,6 +401,17 @@ def test_make_private_detects_the_process_group(request, world, name):
         assert res["opt"] == "DistributedDPOptimizer" and res["mode"] == "allreduce", res
         assert res["q"] == pytest.approx(PER_RANK * world / N) and res["B"] == PER_RANK * world
         assert res["disjoint"] and res["alias"], res
+
+
+@pytest.mark.parametrize("world,name", _cases("users"))
+def test_user_level_steps_equal_one_process_on_the_union(request, world, name):
+    """Each rank samples its own users (no user on two ranks); the union of the ranks' batches,
+    with their user ids, trained in one process gives the same parameters after every step."""
+    results = get(_job(request, world, name), name)
+    assert results[0]["err"] < 1e-12 and results[0]["users"] > 0, results[0]
+    for res in results:
+        assert res["replicas"] == 0 and res["shared_users"] == 0, res
+        assert res["B"] == PER_RANK * world and res["q"] == pytest.approx(PER_RANK * world / 13), res
 
 
 @pytest.mark.slow
