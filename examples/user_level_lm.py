@@ -187,8 +187,9 @@ def main(argv=None):
     tokens, mask = encode([t for _, t in train], args.length)
     test_tokens, test_mask = encode([t for _, t in test], args.length)
     pub_tokens, pub_mask = encode(public, args.length)
-    print(f"{len(set(train_authors))} training authors ({len(train)} docstrings, {len(train) / len(set(train_authors)):.1f} "
-          f"per author), {len({a for a, _ in test})} held-out authors ({len(test)}); public text: {len(public)} "
+    n_authors = len(set(train_authors))
+    print(f"{n_authors} training authors ({len(train)} docstrings, {len(train) / n_authors:.1f} per author), "
+          f"{len({a for a, _ in test})} held-out authors ({len(test)}); public text: {len(public)} "
           f"docstrings of torch", flush=True)
 
     base = byte_gpt(args.length, args.seed)

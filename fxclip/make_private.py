@@ -153,9 +153,10 @@ def _user_loader(data_loader: DataLoader, user_ids, batch_size: int, pm, *, rank
         raise ValueError(f"batch_size {batch_size // world_size} x {world_size} rank(s) is the expected number "
                          f"of users per batch; it exceeds the {users.num_users} users")
     loader = UserPoissonDataLoader(
-        data_loader.dataset, users, batch_size / users.num_users, privatized_module=pm, rank=rank, world_size=world_size,
-        collate_fn=data_loader.collate_fn, num_workers=data_loader.num_workers, pin_memory=data_loader.pin_memory,
-        timeout=data_loader.timeout, worker_init_fn=data_loader.worker_init_fn, **options)
+        data_loader.dataset, users, batch_size / users.num_users, privatized_module=pm, rank=rank,
+        world_size=world_size, collate_fn=data_loader.collate_fn, num_workers=data_loader.num_workers,
+        pin_memory=data_loader.pin_memory, timeout=data_loader.timeout,
+        worker_init_fn=data_loader.worker_init_fn, **options)
     pm.requires_units = True
     return loader
 
