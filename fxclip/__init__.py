@@ -17,7 +17,7 @@ _torch.warn_if_untested_torch()
 
 # name -> the submodule that defines it
 _LAZY = {"Accountant": "accounting", "noise_multiplier_for": "accounting", "explain": "inspect_report",
-         "Explanation": "inspect_report"}
+         "Explanation": "inspect_report", "UserPoissonDataLoader": "user_sampling"}
 _SUBMODULES = ("accounting", "audit", "inspect_report", "distributed", "huggingface", "cli")
 
 
@@ -35,5 +35,5 @@ def __dir__():
 
 __all__ = ["PrivacyError", "PrivatizedModule", "privatize", "unprivatize", "explain", "Explanation", "make_private",
            "DPOptimizer", "Accountant", "noise_multiplier_for", "accounting", "PoissonDataLoader",
-           "micro_batches", "AdaptiveClipping"]
+           "micro_batches", "AdaptiveClipping", "UserPoissonDataLoader"]
 __version__ = "0.1.0"

@@ -121,7 +121,8 @@ class DPOptimizer(torch.optim.Optimizer):
         privatized_module: the module from fxclip.privatize (compiled or not).
         noise_multiplier: sigma; the noise std on the gradient sum is sigma * max_grad_norm.
         expected_batch_size: divisor of the noised sum for loss_reduction="mean"
-            (for Poisson sampling: q * dataset size, NOT the actual batch size).
+            (for Poisson sampling: q * dataset size, NOT the actual batch size; for privacy
+            units, the expected number of UNITS: q * number of users).
         max_grad_norm: C for the noise scale; default the module's. It may not be smaller than
             the module's clipping bound (the noise would undershoot the sensitivity).
         loss_reduction: "mean" or "sum"; default the module's.
