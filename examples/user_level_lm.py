@@ -18,6 +18,12 @@ right-padded with an attention mask (the model and the loss see the unpadded byt
 Evaluation is on held-out authors (20% of the files, none seen in training): bits per byte of
 their docstrings. Printed: authors, rows, q, sigma, epsilon at user level, bits per byte before
 fine-tuning, after plain and after private fine-tuning, seconds per step.
+
+Measured (seed 0, 2 CPU cores, about 7 minutes of wall clock; `--quick` takes about a minute):
+411 training authors (2748 docstrings, 6.7 per author), 103 held-out authors; bits per byte on
+the held-out authors: 4.054 after the public pre-training, 3.772 after plain fine-tuning, 3.869
+after user-level private fine-tuning at epsilon 8 (delta 1e-5; 48 steps, q = 0.156, sigma 1.05):
+the private model closes two thirds of the gap between the public and the plainly fine-tuned one.
 """
 from __future__ import annotations
 
