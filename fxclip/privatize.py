@@ -190,6 +190,8 @@ class PrivatizedModule(nn.Module):
         """kwargs with privacy_unit: the caller's, else the loader's ids for this batch; refused
         when units are required and none are known, or the loader's ids are for another batch."""
         units = kwargs.get("privacy_unit")
+        if units is not None and self._loader_units is not None and units is not self._loader_units:
+            raise refusal("units-two-sources")  # other ids than the ones the sampling was for
         if units is None and self._loader_units is not None:
             rows = _tensor_leaves(args, kwargs)[0].shape[0]
             if rows != self._loader_units.shape[0]:

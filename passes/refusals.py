@@ -193,6 +193,10 @@ REFUSALS = {
         "{got} rows: a unit-level batch trains in one forward and one backward (splitting it "
         "could split a unit, each part clipped to C). Call the module on the whole batch, or pass "
         "privacy_unit=ids for the rows you pass."),
+    "units-two-sources": (
+        "this forward got privacy_unit= ids while the unit-level loader set the batch's ids: the "
+        "accounting is for the loader's units, so clipping other groups could break it. Drop "
+        "privacy_unit= (the loader's ids are used), or use a loader that sets no ids."),
     "units-several-backwards": (
         "{count} backward passes fed this step, but unit-level clipping needs each unit's rows in "
         "one backward (a unit split over two would be clipped twice, moving the update by up to "

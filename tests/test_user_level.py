@@ -196,6 +196,10 @@ def test_training_outside_the_loaders_batches_is_refused():
     with pytest.raises(fxclip.PrivacyError) as info:  # part of the batch
         pm(tokens[:1], attention_mask=mask[:1], target=y[:1])
     assert info.value.id == "units-rows-mismatch"
+    with pytest.raises(fxclip.PrivacyError) as info:  # other ids than the sampled users'
+        pm(tokens, attention_mask=mask, target=y, privacy_unit=torch.arange(tokens.shape[0]))
+    assert info.value.id == "units-two-sources"
+    batches.close()  # the loader's ids are gone
     half = tokens.shape[0] // 2  # gradient accumulation over parts, with ids passed explicitly
     ids = torch.arange(tokens.shape[0])
     for part in (slice(0, half), slice(half, None)):
