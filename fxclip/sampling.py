@@ -68,23 +68,29 @@ class PoissonBatchSampler(Sampler[list[int]]):
         return self.num_batches
 
     def __iter__(self) -> Iterator[list[int]]:
-        left = self.num_batches
-        while left > 0:
-            k = max(1, min(left, MASK_BLOCK // max(1, len(self.indices))))
-            yield from self._draw(k)
-            left -= k
+        for mask in membership_blocks(self.num_batches, len(self.indices), self.sample_rate, self.generator):
+            yield from self._batches(mask)
 
-    def _draw(self, k: int) -> Iterator[list[int]]:
-        """k batches from one (k, n) draw: a few tensor ops per k batches instead of per batch.
-        The uniforms are those of k draws of n, so a generator of its own gives the same
-        batches as one draw per batch; a generator shared with the noise is read in blocks."""
-        mask = torch.rand(k, len(self.indices), generator=self.generator) < self.sample_rate
+    def _batches(self, mask: torch.Tensor) -> Iterator[list[int]]:
+        """The index lists of a (k, n) membership block: a few tensor ops per k batches."""
         rows, cols = mask.nonzero(as_tuple=True)
         cols = (cols if self.world_size == 1 else self.indices[cols]).tolist()
         start = 0
-        for count in torch.bincount(rows, minlength=k).tolist():
+        for count in torch.bincount(rows, minlength=mask.shape[0]).tolist():
             yield cols[start:start + count]
             start += count
+
+
+def membership_blocks(num_batches: int, n: int, rate: float, generator) -> Iterator[torch.Tensor]:
+    """Poisson memberships of n candidates in num_batches batches, as (k, n) boolean blocks drawn
+    k batches at a time. The uniforms are those of one draw of n per batch, so a generator of its
+    own gives the same batches as per-batch draws; a generator shared with the noise is read in
+    blocks."""
+    left = num_batches
+    while left > 0:
+        k = max(1, min(left, MASK_BLOCK // max(1, n)))
+        yield torch.rand(k, n, generator=generator) < rate
+        left -= k
 
 
 class _EmptyAwareCollate:

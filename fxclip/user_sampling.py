@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data import default_collate as _default_collate
 
-from .sampling import MASK_BLOCK, _EmptyAwareCollate, _rows, check_pad_to_multiple, pad_to, rank_generator
+from .sampling import _EmptyAwareCollate, _rows, check_pad_to_multiple, membership_blocks, pad_to, rank_generator
 
 
 class UserIndex:
@@ -75,13 +75,9 @@ class UserPoissonBatchSampler(Sampler[list[int]]):
         return self.num_batches
 
     def __iter__(self) -> Iterator[list[int]]:
-        left = self.num_batches
-        while left > 0:
-            k = max(1, min(left, MASK_BLOCK // max(1, len(self.mine))))
-            mask = torch.rand(k, len(self.mine), generator=self.generator) < self.sample_rate
+        for mask in membership_blocks(self.num_batches, len(self.mine), self.sample_rate, self.generator):
             for row in mask.numpy():
                 yield self._rows(self.mine[row]).tolist()
-            left -= k
 
     def _rows(self, users: np.ndarray) -> np.ndarray:
         rows, within = self.users.rows_of(users)

@@ -172,3 +172,11 @@ def check_against_loop(model, inputs, compiled=False, C=0.5):
     assert torch.allclose(pm.per_sample_norms.to(D), norms, rtol=1e-8)
     LAST["report"] = pm.last_report
     return {r.name: r.rule for r in pm.last_report.params}
+
+
+def unit_clipped_sum(model, pm, x, y, ids) -> torch.Tensor:
+    """The flat clipped gradient sum of one sum-reduced backward of pm(x, target=y,
+    privacy_unit=ids): the quantity whose change under removing a unit is the sensitivity."""
+    model.zero_grad(set_to_none=True)
+    pm(x, target=y, privacy_unit=ids).sum().backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters()])

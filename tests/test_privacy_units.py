@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from helpers import D
+from helpers import D, unit_clipped_sum
 from reference import per_sample_reference, per_unit_reference
 from torch import nn
 
@@ -208,11 +208,6 @@ def test_removing_one_unit_moves_the_clipped_sum_by_at_most_C(unit_reduction):
                           unit_reduction=unit_reduction)
     g = torch.Generator().manual_seed(5)
 
-    def clipped_sum(x, y, ids):
-        model.zero_grad(set_to_none=True)
-        pm(x, target=y, privacy_unit=ids).sum().backward()
-        return torch.cat([p.grad.flatten() for p in model.parameters()])
-
     worst = 0.0
     for _ in range(30):
         b = int(torch.randint(3, 12, (), generator=g))
@@ -222,7 +217,8 @@ def test_removing_one_unit_moves_the_clipped_sum_by_at_most_C(unit_reduction):
         keep = ids != gone
         if keep.sum() == 0:
             continue
-        with_unit, without = clipped_sum(x, y, ids), clipped_sum(x[keep], y[keep], ids[keep])
+        with_unit = unit_clipped_sum(model, pm, x, y, ids)
+        without = unit_clipped_sum(model, pm, x[keep], y[keep], ids[keep])
         worst = max(worst, float((with_unit - without).norm()))
     assert C * 0.5 < worst <= C * (1 + 1e-9), worst  # reached, never exceeded
 
