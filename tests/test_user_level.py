@@ -226,3 +226,21 @@ def test_user_level_options_are_checked():
                             user_ids=users, **common)
     with pytest.raises(ValueError, match="one per row"):
         fxclip.make_private(MaskedBag(), opt, loader, privacy_unit="user", user_ids=users[:-1], **common)
+
+
+def test_worker_processes_give_the_same_batches_and_ids():
+    """With num_workers the loader still knows each batch's users (the rows' indices travel with
+    the collated batch): the same batches and unit ids as in the main process."""
+    dataset, users = user_dataset()
+    seen = []
+    for workers in (0, 2):
+        model = MaskedBag().to(D)
+        pm, _, loader = fxclip.make_private(
+            model, torch.optim.SGD(model.parameters(), lr=1.0),
+            DataLoader(dataset, batch_size=4, num_workers=workers), noise_multiplier=1.0, max_grad_norm=C,
+            loss_fn=per_row_loss, privacy_unit="user", user_ids=users, generator=torch.Generator().manual_seed(4))
+        seen.append([(row.tolist(), pm._loader_units.tolist()) for _, _, _, row in loader])
+    assert seen[0] == seen[1] and any(rows for rows, _ in seen[0])
+    user_of = UserIndex(users).user_of_row
+    for rows, ids in seen[0]:
+        assert ids == [int(user_of[r - 1]) for r in rows]
