@@ -32,6 +32,7 @@ import importlib
 import inspect
 import math
 import os
+import statistics
 import sys
 import time
 import warnings
@@ -177,13 +178,12 @@ def private_training(model, tokens, mask, authors, args) -> tuple[float, float, 
             times.append(time.perf_counter() - start)
         print(f"  private epoch {epoch + 1}/{args.epochs}: user-level epsilon {dp_opt.epsilon(args.delta):.2f}",
               flush=True)
-    per_step = sorted(times[1:] or times)[len(times[1:] or times) // 2]  # median after the first (tracing)
+    per_step = statistics.median(times[1:] or times)  # after the first step (tracing)
     return dp_opt.epsilon(args.delta), sigma, dp_opt.steps, per_step
 
 
 def main(argv=None):
     args = parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     packages = ["sklearn"] if args.quick else list(PACKAGES.values())
     modules = [m for p in packages for m in public_modules(p)]
     pairs = docstrings_by_author(modules)
