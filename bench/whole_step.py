@@ -10,8 +10,10 @@ The other benchmarks time forward+backward only. A user times the loop below, so
     plain:   for x, y in loader:          opt.zero_grad(); loss(model(x), y).mean().backward(); opt.step()
 
 `private` is fxclip.make_private(model, SGD, loader, noise_multiplier=1.0, max_grad_norm=1.0) with
-its Poisson loader (expected batch B) and DPOptimizer (state read, noise, accountant); `plain` a
-shuffled DataLoader of batch B and plain SGD. Both models (with the loss) are torch.compile'd.
+its Poisson loader (expected batch B) and DPOptimizer (state read, noise, accountant);
+`private_prefetch` the same with prefetch_noise=True (the next step's noise drawn on a worker
+thread while the loop loads data and runs forward and backward); `plain` a shuffled DataLoader of
+batch B and plain SGD. The models (with the loss) are torch.compile'd.
 Each phase of each step is timed on its own (perf_counter around it; CPU ops are synchronous), so
 the breakdown says where the private step's extra time goes.
 
@@ -36,7 +38,7 @@ import fxclip
 from .models import MODELS, PerSampleCE
 
 PHASES = ("loader", "zero_grad", "fwd_bwd", "opt_step")
-VARIANTS = ("private", "plain")
+VARIANTS = ("private", "private_prefetch", "plain")
 # model -> (expected batch size, dataset size): digits as in examples/demo.py (1347 training images)
 SETUPS = {"digits": (64, 1347), "mlp": (16, 512), "gpt": (16, 256)}
 RESULTS = Path(__file__).parent / "results" / "whole_step.json"
@@ -91,12 +93,12 @@ def _model(name: str, seed: int) -> nn.Module:
     return MODELS[name].build()
 
 
-def build_private(name: str, dataset, batch: int, seed: int) -> Stepper:
+def build_private(name: str, dataset, batch: int, seed: int, prefetch_noise: bool = False) -> Stepper:
     model = _model(name, seed)
     pm, opt, loader = fxclip.make_private(
         model, torch.optim.SGD(model.parameters(), lr=0.05), DataLoader(dataset, batch_size=batch),
         noise_multiplier=1.0, max_grad_norm=1.0, loss_fn=PerSampleCE("none"),
-        generator=torch.Generator().manual_seed(seed))
+        generator=torch.Generator().manual_seed(seed), prefetch_noise=prefetch_noise)
     run = torch.compile(pm)
     return Stepper(loader, opt, lambda x, y: run(x, target=y).mean().backward())
 
@@ -123,6 +125,7 @@ def measure(name: str, rounds: int, steps: int, warmup: int, seed: int = 0) -> d
     batch, size = SETUPS[name]
     dataset = _dataset(name, size, seed)
     steppers = {"private": build_private(name, dataset, batch, seed),
+                "private_prefetch": build_private(name, dataset, batch, seed, prefetch_noise=True),
                 "plain": build_plain(name, dataset, batch, seed)}
     for s in steppers.values():
         for _ in range(warmup):
@@ -134,8 +137,11 @@ def measure(name: str, rounds: int, steps: int, warmup: int, seed: int = 0) -> d
             per_round[v].append([sum(col) / steps for col in zip(*times)])
     out = {"model": name, "expected_batch": batch, "dataset": size, "rounds": rounds,
            "steps_per_round": steps, "phases": {v: _summary(per_round[v]) for v in VARIANTS}}
-    p, q = out["phases"]["private"]["total"], out["phases"]["plain"]["total"]
-    out["ratio"] = {"median": p["median_ms"] / q["median_ms"], "min": p["min_ms"] / q["min_ms"]}
+    q = out["phases"]["plain"]["total"]
+    for v in VARIANTS[:-1]:
+        p = out["phases"][v]["total"]
+        out["ratio" if v == "private" else f"ratio_{v}"] = {"median": p["median_ms"] / q["median_ms"],
+                                                            "min": p["min_ms"] / q["min_ms"]}
     return out
 
 
@@ -155,19 +161,20 @@ def profile_private(name: str, steps: int, seed: int = 0, rows: int = 15) -> lis
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| model | B | private ms (median / min) | plain ms (median / min) | ratio median | ratio min |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| model | B | variant | ms (median / min) | plain ms (median / min) | ratio median | ratio min |",
+             "|---|---|---|---|---|---|---|"]
     for r in results:
-        p, q = r["phases"]["private"]["total"], r["phases"]["plain"]["total"]
-        lines.append(f"| {r['model']} | {r['expected_batch']} | {p['median_ms']:.3f} / {p['min_ms']:.3f} "
-                     f"| {q['median_ms']:.3f} / {q['min_ms']:.3f} | {r['ratio']['median']:.2f}x "
-                     f"| {r['ratio']['min']:.2f}x |")
-    lines += ["", "| model | phase | private ms | plain ms | extra ms |", "|---|---|---|---|---|"]
+        q = r["phases"]["plain"]["total"]
+        for v in VARIANTS[:-1]:
+            p, ratio = r["phases"][v]["total"], r["ratio" if v == "private" else f"ratio_{v}"]
+            lines.append(f"| {r['model']} | {r['expected_batch']} | {v} | {p['median_ms']:.3f} / {p['min_ms']:.3f} "
+                         f"| {q['median_ms']:.3f} / {q['min_ms']:.3f} | {ratio['median']:.2f}x | {ratio['min']:.2f}x |")
+    lines += ["", "| model | phase | private ms | private_prefetch ms | plain ms | extra ms (private / prefetch) |",
+              "|---|---|---|---|---|---|"]
     for r in results:
         for ph in PHASES:
-            p = r["phases"]["private"][ph]["median_ms"]
-            q = r["phases"]["plain"][ph]["median_ms"]
-            lines.append(f"| {r['model']} | {ph} | {p:.3f} | {q:.3f} | {p - q:+.3f} |")
+            p, f, q = (r["phases"][v][ph]["median_ms"] for v in VARIANTS)
+            lines.append(f"| {r['model']} | {ph} | {p:.3f} | {f:.3f} | {q:.3f} | {p - q:+.3f} / {f - q:+.3f} |")
     return "\n".join(lines)
 
 

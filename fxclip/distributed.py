@@ -34,6 +34,7 @@ from torch.utils.data import Dataset
 from .make_private import make_private as _make_private
 from .optim import DPOptimizer, _privatized_parts, _unwrap
 from .passes import _torch
+from .passes.protocol import DeviceState
 from .passes.refusals import refusal
 from .privatize import _clipping_groups, privatize
 from .sampling import PoissonBatchSampler, PoissonDataLoader, rank_generator
@@ -211,6 +212,7 @@ class DistributedDPOptimizer(DPOptimizer):
                     m.set_force_sum_reduction_for_comms(True)
             if not self.secure_rng:
                 self.generator = rank_generator(self.generator, self.rank, stream=1)
+                self.noise_source = self._new_noise_source()
         else:
             self.mode = "allreduce"
             root = _unwrap(privatized_module)
@@ -219,7 +221,7 @@ class DistributedDPOptimizer(DPOptimizer):
                     [t for t in list(root.parameters()) + list(root.buffers()) if t.numel()],
                     lambda flat: dist.broadcast(flat, src=self._root_rank, group=self.process_group))
 
-    # --- the three places where several processes differ from one (see DPOptimizer) ---
+    # --- the places where several processes differ from one (see DPOptimizer) ---
     def _adds_noise(self) -> bool:
         # rank 0 alone in the replicated modes; under FSDP2 every rank, on the shard it owns
         return self.mode == "fsdp" or self.rank == 0
@@ -232,8 +234,19 @@ class DistributedDPOptimizer(DPOptimizer):
                                                                group=self.process_group))
         # fsdp: every coordinate lives on (and was noised by) its shard's owner
 
-    def _sum_over_ranks(self, values: torch.Tensor) -> None:
-        dist.all_reduce(values, group=self.process_group)
+    def _read_states(self, found_inf, has_grad: bool) -> tuple[dict, dict]:
+        # every rank decides the step (refuse, skip, train) on the same numbers: the vector is
+        # all-reduced (SUM) before the one read, so a flag raised on any rank is > 0 on all
+        state = self._device_state()
+        no_backward = (state[DeviceState.INDEX["backwards"]] == 0) & has_grad
+        # a GradScaler that saw no gradient on this rank (empty batch) passes found_inf = 0
+        inf = torch.as_tensor(0.0 if found_inf is None else found_inf).reshape(1)
+        local = torch.cat([state, inf.to(state), no_backward.reshape(1).to(state)])
+        total = local.clone()
+        dist.all_reduce(total, group=self.process_group)
+        values = torch.cat([local, total]).tolist()
+        names = DeviceState.FIELDS + ("found_inf", "no_backward")
+        return dict(zip(names, values)), dict(zip(names, values[len(names):]))
 
     def _shared_normal(self, std: float) -> float:
         z = torch.tensor([super()._shared_normal(std) if self.rank == 0 else 0.0], dtype=torch.float64)

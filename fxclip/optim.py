@@ -14,15 +14,15 @@ micro-batches differ in size, with no gradient hook and no second gradient-sized
 """
 from __future__ import annotations
 
+import inspect
 import math
-import os
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from torch import nn
 
+from .noise import NoiseSource
 from .passes import _torch
 from .passes.protocol import DeviceState
 from .passes.refusals import refusal
@@ -31,7 +31,6 @@ if TYPE_CHECKING:
     from .accounting import Accountant
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-NOISE_CHUNK = 1 << 18  # noise values drawn at a time (1 MB in float32)
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
@@ -52,7 +51,9 @@ def _local_tensor(t: torch.Tensor) -> torch.Tensor:
 
 
 def _is_privatized(m) -> bool:
-    return all(hasattr(m, a) for a in ("max_grad_norm", "loss_reduction", "per_sample_norms"))
+    # getattr_static: a property (per_sample_norms reads the device state) is not run
+    return all(inspect.getattr_static(m, a, None) is not None
+               for a in ("max_grad_norm", "loss_reduction", "per_sample_norms"))
 
 
 def _privatized_parts(module: nn.Module) -> list:
@@ -68,43 +69,13 @@ def _privatized_parts(module: nn.Module) -> list:
     return parts
 
 
+def _privatized_params(parts) -> list:
+    return [p for part in parts for p in part.parameters()]
+
+
 def _module_bound(parts) -> float:
     """A sample's whole clipped gradient has norm <= sqrt(sum over privatized parts of C_b^2)."""
     return math.sqrt(sum(p.max_grad_norm ** 2 for p in parts))
-
-
-def secure_normal(shape, *, dtype=torch.float64) -> torch.Tensor:
-    """Standard normal samples from the OS's CSPRNG (os.urandom), via Box-Muller in float64.
-
-    Costs 16 random bytes per sample; fine for small and medium models, slow for huge ones.
-    """
-    n = math.prod(shape)
-    m = (n + 1) // 2
-    words = np.frombuffer(os.urandom(16 * m), dtype=np.uint64).reshape(2, m)
-    u = ((words >> np.uint64(11)).astype(np.float64) + 0.5) / 2.0**53  # in (0, 1), never 0
-    r = np.sqrt(-2.0 * np.log(u[0]))
-    z = np.concatenate([r * np.cos(2 * np.pi * u[1]), r * np.sin(2 * np.pi * u[1])])[:n]
-    return torch.from_numpy(z).reshape(shape).to(dtype)
-
-
-def _noise_runs(accs: list, chunk: int):
-    """The accumulators' noise draws, grouped into runs of at most `chunk` values. A draw is one
-    parameter's own piece (the whole tensor, or its flat values cut every `chunk` values), as in
-    the per-parameter stream; each run is drawn into one buffer and added by one fused op. A run
-    never mixes dtypes or devices; a non-contiguous tensor is drawn whole, by shape."""
-    run, room = [], chunk
-    for acc in accs:
-        pieces = (acc,) if acc.numel() <= chunk or not acc.is_contiguous() else acc.view(-1).split(chunk)
-        for piece in pieces:
-            if piece.numel() == 0:
-                continue
-            if run and (piece.numel() > room or (piece.dtype, piece.device) != (run[0].dtype, run[0].device)):
-                yield run
-                run, room = [], chunk
-            run.append(piece)
-            room -= piece.numel()
-    if run:
-        yield run
 
 
 def _delegated(name: str) -> property:
@@ -132,6 +103,12 @@ class DPOptimizer(torch.optim.Optimizer):
             seed/state, so it is fine for research but NOT for a real deployment.
         secure_rng: draw the noise from the operating system's CSPRNG (os.urandom) instead;
             use this for real deployments. Slower (CPU, 16 bytes per coordinate); no seeding.
+        prefetch_noise: draw the next step's noise on a worker thread while the caller loads
+            data and runs forward and backward (CPU parameters only; fxclip.noise). For models
+            of millions of parameters on CPU, where the draw costs as much as the backward.
+            Holds one gradient-sized buffer; draws from a generator of its own seeded once from
+            `generator` (or torch's global RNG): the same seed gives the same run, but other
+            values than without prefetching.
         accountant: an fxclip.accounting.Accountant, or "rdp" (default) / "pld".
         adaptive_clipping: an fxclip.AdaptiveClipping: the threshold follows a quantile of the
             norms; its noised count is accounted with the gradient (noise_multiplier is the total).
@@ -165,6 +142,7 @@ class DPOptimizer(torch.optim.Optimizer):
         sample_rate: float | None = None,
         generator: torch.Generator | None = None,
         secure_rng: bool = False,
+        prefetch_noise: bool = False,
         accountant: Accountant | str = "rdp",
         adaptive_clipping=None,
     ):
@@ -196,6 +174,9 @@ class DPOptimizer(torch.optim.Optimizer):
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
         if secure_rng and generator is not None:
             raise ValueError("pass either generator= (seedable, for tests) or secure_rng=True, not both")
+        if prefetch_noise and any(p.device.type != "cpu" for p in _privatized_params(parts)):
+            raise ValueError("prefetch_noise draws on a CPU worker thread, for CPU parameters; on an "
+                             "accelerator the noise kernels already run asynchronously: leave it off")
         if isinstance(accountant, str):
             from .accounting import Accountant  # dp_accounting loads at first use, not at import
 
@@ -224,6 +205,8 @@ class DPOptimizer(torch.optim.Optimizer):
         self.sample_rate = sample_rate
         self.generator = generator
         self.secure_rng = secure_rng
+        self.prefetch_noise = bool(prefetch_noise)
+        self.noise_source = self._new_noise_source()
         self.accountant = accountant
         # torch.optim.Optimizer bookkeeping that LR schedulers and step hooks expect
         self._optimizer_step_pre_hooks = OrderedDict()
@@ -274,37 +257,14 @@ class DPOptimizer(torch.optim.Optimizer):
         return int(max(part.read_state()[field] for part in self._parts))
 
     # --- the DP step ---
+    def _new_noise_source(self) -> NoiseSource:
+        """Where the N(0, 1) values come from (fxclip.noise), for the current generator."""
+        return NoiseSource(self.generator, secure=self.secure_rng, prefetch=self.prefetch_noise)
+
     def _noise(self, p: torch.Tensor, std: float) -> torch.Tensor:
         """N(0, std^2) shaped like p, never in 16 bits (adaptive clipping's count)."""
         dtype = torch.float32 if p.dtype in _LOW_PRECISION else p.dtype
-        return self._standard_normal_pieces([p.numel()], dtype, p.device).view(p.shape).mul_(std)
-
-    def _add_noise_(self, acc: torch.Tensor, std: float) -> None:
-        """acc += N(0, std^2), drawn in chunks so that at most NOISE_CHUNK noise values exist
-        beside the gradient at a time (no second gradient-sized buffer)."""
-        self._add_noise_all_([acc], std)
-
-    def _add_noise_all_(self, accs: list, std: float) -> None:
-        """acc += N(0, std^2) for every accumulator. The values are those of one draw per
-        parameter (per NOISE_CHUNK piece of a larger one) in optimizer order, as before; they are
-        drawn into one buffer per run of NOISE_CHUNK values and scaled and added by one op each
-        instead of several small ops per parameter. At most NOISE_CHUNK noise values exist
-        beside the gradients (no second gradient-sized buffer)."""
-        for run in _noise_runs(accs, NOISE_CHUNK):
-            sizes = [t.numel() for t in run]
-            z = self._standard_normal_pieces(sizes, run[0].dtype, run[0].device).mul_(std)
-            torch._foreach_add_(run, [zi.view(t.shape) for zi, t in zip(z.split(sizes), run)])
-
-    def _standard_normal_pieces(self, sizes: list, dtype: torch.dtype, device) -> torch.Tensor:
-        """N(0, 1) values in one flat buffer, each piece of `sizes` its own draw: the values of
-        torch.randn(n) per piece, so the seeded stream is the per-parameter one."""
-        if self.secure_rng:
-            return secure_normal((sum(sizes),)).to(device, dtype)
-        z = torch.empty(sum(sizes), dtype=dtype,
-                        device=device if self.generator is None else self.generator.device)
-        for piece in z.split(sizes):
-            piece.normal_(generator=self.generator)
-        return z.to(device)
+        return self.noise_source.normal(p.numel(), dtype, p.device).view(p.shape).mul_(std)
 
     @torch.no_grad()
     def add_noise(self) -> None:
@@ -316,7 +276,7 @@ class DPOptimizer(torch.optim.Optimizer):
         accs = [self._accumulator(p) for p in self._params]
         local = [_local_tensor(acc) for acc in accs]  # a sharded gradient: this rank's shard
         if self._adds_noise():
-            self._add_noise_all_(local, std)
+            self.noise_source.add_(local, std)
         self._combine_sums(local)
         if scale != 1.0:
             torch._foreach_mul_(local, scale)
@@ -331,9 +291,6 @@ class DPOptimizer(torch.optim.Optimizer):
 
     def _combine_sums(self, accs: list) -> None:
         """Makes the ranks' (noised) clipped sums the global one, in place (one process: as is)."""
-
-    def _sum_over_ranks(self, values: torch.Tensor) -> None:
-        """Sums `values` over the ranks, in place (one process: as is)."""
 
     def _shared_normal(self, std: float) -> float:
         """One N(0, std^2) value, the same on every rank (adaptive clipping's count noise)."""
@@ -376,40 +333,43 @@ class DPOptimizer(torch.optim.Optimizer):
         if self.adaptive_clipping is not None:
             self.adaptive_clipping.update(self, state["unclipped"])
         self.original_optimizer.step()
+        if self._adds_noise():
+            self.noise_source.draw_ahead()  # after every other draw of this step: the same order
         for hook in list(self._optimizer_step_post_hooks.values()):
             hook(self, (), {})
         return loss
 
     def _take_state(self, found_inf) -> dict:
         """What the backwards since the last step recorded, over the privatized parts, with
-        the scaler's inf flag: ONE host sync per step. Resets the parts' counts.
-
-        Over several processes that one read is preceded by one all-reduce (SUM) of the same
-        vector, so every rank decides the step (refuse, skip, train) on the same numbers: a flag
-        raised on any rank is > 0 on all, and the counts (samples, unclipped) are global."""
-        local = self._local_state(found_inf)
-        total = local.clone()
-        self._sum_over_ranks(total)
-        values = torch.cat([local, total]).tolist()
+        the scaler's inf flag: ONE host sync per step. Resets the parts' counts."""
+        has_grad = any(p.grad is not None for p in self._params)
+        mine, merged = self._read_states(found_inf, has_grad)
         for part in self._parts:
             part.reset_state()
-        names = DeviceState.FIELDS + ("found_inf", "no_backward")
-        mine, merged = dict(zip(names, values)), dict(zip(names, values[len(names):]))
         self.last_batch_size = int(merged["samples"])
         self.last_local_batch_size = int(mine["samples"])
         self.last_micro_batches = int(mine["backwards"])
         self.last_units = int(merged["units"])
         return merged
 
-    def _local_state(self, found_inf) -> torch.Tensor:
-        """This rank's device state (max over privatized blocks, which all see the same
-        samples), the scaler's inf flag, and whether a gradient exists without a backward."""
-        state = torch.stack([p.device_state.tensor for p in self._parts]).amax(0)
-        has_grad = any(p.grad is not None for p in self._params)
-        no_backward = (state[DeviceState.INDEX["backwards"]] == 0) & has_grad
-        # a GradScaler that saw no gradient on this rank (empty batch) passes found_inf = 0
-        inf = torch.as_tensor(0.0 if found_inf is None else found_inf).reshape(1)
-        return torch.cat([state, inf.to(state), no_backward.reshape(1).to(state)])
+    def _read_states(self, found_inf, has_grad: bool) -> tuple[dict, dict]:
+        """(this process's state, the state over all processes) in ONE host sync: the state
+        fields, the scaler's inf flag, and whether a gradient exists without a backward. One
+        process: both are the same dict, read straight from the device state."""
+        state = self._device_state()
+        if found_inf is not None:
+            state = torch.cat([state, torch.as_tensor(found_inf).reshape(1).to(state)])
+        values = state.tolist()
+        fields = DeviceState.as_dict(values)
+        fields["found_inf"] = values[-1] if found_inf is not None else 0.0
+        fields["no_backward"] = float(has_grad and fields["backwards"] == 0)
+        return fields, fields
+
+    def _device_state(self) -> torch.Tensor:
+        """The state fields, the max over the privatized blocks (which all see the same samples)."""
+        if len(self._parts) == 1:
+            return self._parts[0].device_state.tensor
+        return torch.stack([p.device_state.tensor for p in self._parts]).amax(0)
 
     def _checked(self, state: dict, found_inf) -> bool:
         """Refuse (PrivacyError, no parameter changed) what the backwards flagged; False for a

@@ -52,6 +52,7 @@ class PrivatizedModule(nn.Module):
         self.register_buffer("_fxclip_thresholds", torch.zeros(len(self._labels), dtype=torch.float64,
                                                                 device=device), persistent=False)
         self._limits = [0.0] * len(self._labels)  # host copy of the thresholds: no sync to read
+        self._groups_of_pattern = {}  # trainable pattern -> clipping groups holding trainable parameters
         self.max_grad_norm = max_grad_norm
         self._eager = None
         self._eager_report = None
@@ -95,9 +96,14 @@ class PrivatizedModule(nn.Module):
             self._fxclip_thresholds.copy_(torch.tensor(limits, dtype=torch.float64))
 
     def _trainable_groups(self) -> list:
-        index = {g: i for i, g in enumerate(self._labels)}
-        return sorted({index[self._group_of[n]] for n, p in self.module.named_parameters()
-                       if p.requires_grad})
+        """The clipping groups (indices) holding trainable parameters, cached per trainable
+        pattern: DPOptimizer reads the bound at every step."""
+        trainable = _trainable(self._current_params())
+        groups = self._groups_of_pattern.get(trainable)
+        if groups is None:
+            groups = sorted({g for g, t in zip(self._table.groups, trainable) if t})
+            self._groups_of_pattern[trainable] = groups
+        return groups
 
     # --- what the backward recorded (device state; reading it syncs, so the graph never does) ---
     @property
@@ -332,8 +338,12 @@ def _is_packed(x) -> bool:
 
 
 def _leaves(args, kwargs):
-    if not kwargs and all(isinstance(a, torch.Tensor) for a in args):
-        return args  # the usual call: no pytree walk (fewer Dynamo guards)
+    # the usual calls, tensors and flags, positional or by keyword: no pytree walk (Dynamo guards
+    # every registered pytree type it looks up, ~25 guards evaluated at each call); the leaves
+    # come in the walk's order
+    if all(isinstance(a, torch.Tensor) for a in args) and all(
+            isinstance(v, (torch.Tensor, bool, int, float, str)) for v in kwargs.values()):
+        return [*args, *kwargs.values()]
     return tree_flatten((args, kwargs), is_leaf=_is_packed)[0]
 
 

@@ -35,6 +35,24 @@ def batch_loss(out, y, reduction):
 
 # --- a small model and its data ---
 
+class MaskedBag(nn.Module):
+    """Token embeddings, averaged over the unpadded tokens (attention_mask), a hidden layer, a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.hidden, self.head = nn.Embedding(30, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, input_ids, attention_mask):
+        m = attention_mask.unsqueeze(-1).to(self.emb.weight.dtype)
+        pooled = (self.emb(input_ids) * m).sum(1) / m.sum(1).clamp(min=1)
+        return self.head(torch.tanh(self.hidden(pooled)))
+
+
+def per_row_loss(out, y):
+    """Per-sample losses (B,) of a (B, k) output: each row's summed squared error (a loss_fn)."""
+    return (out - y).square().sum(1)
+
+
 def mlp(out=3):
     """Linear(6, 8), Tanh, Linear(8, out) in float64, seeded."""
     torch.manual_seed(0)

@@ -14,7 +14,7 @@ import copy
 
 import pytest
 import torch
-from helpers import D, unit_clipped_sum
+from helpers import D, sq_loss, unit_clipped_sum
 from reference import per_sample_reference, per_unit_reference
 from torch import nn
 
@@ -39,10 +39,6 @@ def row_losses(out, y):
     return (out - y).square().sum(-1)
 
 
-def one_loss(out, y):
-    return (out - y).square().sum()
-
-
 @pytest.mark.parametrize("compiled", [False, True])
 def test_copies_as_rows_are_exact_over_a_run(compiled):
     model = net()
@@ -58,7 +54,7 @@ def test_copies_as_rows_are_exact_over_a_run(compiled):
         targets = y.repeat_interleave(k, 0)[order]
         model.zero_grad(set_to_none=True)
         run(rows, target=targets, privacy_unit=ids).sum().backward()
-        expected, norms = per_unit_reference(oracle, (rows,), targets, one_loss, C, ids, "sum", "mean")
+        expected, norms = per_unit_reference(oracle, (rows,), targets, sq_loss, C, ids, "sum", "mean")
         for name, p in model.named_parameters():
             torch.testing.assert_close(p.grad, expected[name], rtol=1e-9, atol=1e-12, msg=f"n={n} k={k} {name}")
         assert (norms > C).any()
@@ -118,7 +114,7 @@ def test_copies_inside_the_row_may_mix_and_are_exact(compiled):
         batch = augment(x, 4, g)
         model.zero_grad(set_to_none=True)
         run(batch, target=y).mean().backward()
-        expected, norms = per_sample_reference(oracle, (batch,), y, one_loss, C)
+        expected, norms = per_sample_reference(oracle, (batch,), y, sq_loss, C)
         for name, p in model.named_parameters():
             torch.testing.assert_close(p.grad, expected[name], rtol=1e-9, atol=1e-12, msg=f"n={n} {name}")
         torch.testing.assert_close(pm.per_sample_norms, norms, rtol=1e-9, atol=1e-12)

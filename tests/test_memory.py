@@ -50,7 +50,7 @@ def test_compiled_backward_holds_no_extra_gradient_sized_buffer(shape):
 def test_dp_optimizer_step_draws_noise_in_chunks_beside_the_gradient(monkeypatch):
     """The noise is added to .grad in place, NOISE_CHUNK values at a time: the optimizer step
     allocates nothing of a weight gradient's size (the seed MLP held one per parameter before)."""
-    monkeypatch.setattr(fxclip.optim, "NOISE_CHUNK", 4096)
+    monkeypatch.setattr(fxclip.noise, "NOISE_CHUNK", 4096)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 128))
     pm = fxclip.privatize(model, max_grad_norm=1.0, loss_reduction="mean")

@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from helpers import D, unit_clipped_sum
+from helpers import D, sq_loss, unit_clipped_sum
 from reference import per_sample_reference, per_unit_reference
 from torch import nn
 
@@ -21,11 +21,6 @@ SIZES = (6, 5, 9, 4, 7)
 def row_losses(out, y):
     """Per-sample losses (B,) for privatize(loss_fn=...)."""
     return (out - y).square().flatten(1).sum(1)
-
-
-def one_loss(out, y):
-    """One row's loss, for the torch.func oracle (a batch of one)."""
-    return (out - y).square().sum()
 
 
 # --- models: each with its inputs of b rows ---
@@ -117,7 +112,7 @@ def run_units(name, loss_reduction="sum", unit_reduction="sum", compiled=False, 
         model.zero_grad(set_to_none=True)
         losses = run(*inputs, target=y, privacy_unit=ids)
         (losses.sum() if loss_reduction == "sum" else losses.mean()).backward()
-        expected, norms = per_unit_reference(oracle, inputs, y, one_loss, C, ids, loss_reduction, unit_reduction)
+        expected, norms = per_unit_reference(oracle, inputs, y, sq_loss, C, ids, loss_reduction, unit_reduction)
         for n, p in model.named_parameters():
             torch.testing.assert_close(p.grad, expected[n], rtol=1e-9, atol=1e-12, msg=f"{name} B={b} {n}")
         torch.testing.assert_close(pm.per_sample_norms, norms, rtol=1e-9, atol=1e-12)
@@ -189,8 +184,8 @@ def test_units_without_loss_fn_and_padding_rows():
         x[real:] *= 100  # padding with a large gradient: it would dominate any unit it joined
         model.zero_grad(set_to_none=True)
         pm.set_valid_rows(real)
-        one_loss(pm(x, privacy_unit=ids), y).backward()
-        expected, norms = per_unit_reference(oracle, (x[:real],), y[:real], one_loss, C, ids[:real], "sum")
+        sq_loss(pm(x, privacy_unit=ids), y).backward()
+        expected, norms = per_unit_reference(oracle, (x[:real],), y[:real], sq_loss, C, ids[:real], "sum")
         for n, p in model.named_parameters():
             torch.testing.assert_close(p.grad, expected[n], rtol=1e-9, atol=1e-12, msg=n)
         torch.testing.assert_close(pm.per_sample_norms, norms, rtol=1e-9, atol=1e-12)
@@ -259,7 +254,7 @@ def test_units_of_one_row_are_row_clipping(compiled):
         rows_model.zero_grad(set_to_none=True)
         run(x, target=y, privacy_unit=ids).mean().backward()
         rows_run(x, target=y).mean().backward()
-        expected, norms = per_sample_reference(copy.deepcopy(rows_model), (x,), y, one_loss, C)
+        expected, norms = per_sample_reference(copy.deepcopy(rows_model), (x,), y, sq_loss, C)
         for (n, p), q in zip(model.named_parameters(), rows_model.parameters()):
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-13, msg=n)
         torch.testing.assert_close(pm.per_sample_norms, rows_pm.per_sample_norms, rtol=1e-10, atol=1e-13)

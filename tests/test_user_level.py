@@ -10,9 +10,8 @@ import copy
 import numpy as np
 import pytest
 import torch
-from helpers import D
+from helpers import D, MaskedBag, per_row_loss, sq_loss
 from reference import per_unit_reference
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import fxclip
@@ -79,27 +78,6 @@ def test_ranks_share_out_the_users():
 
 # --- make_private(..., privacy_unit="user"): training runs ---
 
-class MaskedBag(nn.Module):
-    """Token embeddings, averaged over the unpadded tokens (attention_mask), a hidden layer, a head."""
-
-    def __init__(self):
-        super().__init__()
-        self.emb, self.hidden, self.head = nn.Embedding(30, 8), nn.Linear(8, 8), nn.Linear(8, 3)
-
-    def forward(self, input_ids, attention_mask):
-        m = attention_mask.unsqueeze(-1).to(self.emb.weight.dtype)
-        pooled = (self.emb(input_ids) * m).sum(1) / m.sum(1).clamp(min=1)
-        return self.head(torch.tanh(self.hidden(pooled)))
-
-
-def per_row_loss(out, y):
-    return (out - y).square().sum(1)
-
-
-def one_loss(out, y):
-    return (out - y).square().sum()
-
-
 def user_dataset(n_users=12, seed=0):
     """Rows of users with 1 to 6 rows each (string ids), token ids right-padded with a mask, and
     each row's index + 1 (so the test finds a batch's rows; 0 marks a padding row)."""
@@ -144,7 +122,7 @@ def test_user_level_run_is_exact_at_every_step(compiled, pad):
             if not real.any():
                 assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
                 continue
-            expected, norms = per_unit_reference(oracle, (tokens[real], mask[real]), y[real], one_loss, C, ids,
+            expected, norms = per_unit_reference(oracle, (tokens[real], mask[real]), y[real], sq_loss, C, ids,
                                                  "sum")
             clipped += int((norms > C).sum())
             for n, p in model.named_parameters():

@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 import fxclip
-from fxclip import optim, sampling
+from fxclip import noise, sampling
 from fxclip.accounting import Accountant, epsilon_for
-from fxclip.optim import DPOptimizer, _noise_runs
+from fxclip.noise import noise_runs as _noise_runs
+from fxclip.optim import DPOptimizer
 from fxclip.sampling import PoissonBatchSampler
 
 SIGMA, C, B = 1.3, 0.7, 10
@@ -49,11 +50,11 @@ def _noise_of_one_step(model, opt):
     return [p.grad.clone() for p in model.parameters()]
 
 
-@pytest.mark.parametrize("chunk", [optim.NOISE_CHUNK, 1000, 37])
+@pytest.mark.parametrize("chunk", [noise.NOISE_CHUNK, 1000, 37])
 def test_fused_noise_is_bit_for_bit_the_per_parameter_stream(monkeypatch, chunk):
     """The stream the seed fixes is unchanged: for each parameter in optimizer order, one
     torch.randn per NOISE_CHUNK piece of its values, times sigma C, then / B."""
-    monkeypatch.setattr(optim, "NOISE_CHUNK", chunk)
+    monkeypatch.setattr(noise, "NOISE_CHUNK", chunk)
     model, opt = _setup(seed=4)
     got = _noise_of_one_step(model, opt)
     gen = torch.Generator().manual_seed(4)
@@ -63,9 +64,9 @@ def test_fused_noise_is_bit_for_bit_the_per_parameter_stream(monkeypatch, chunk)
         assert torch.equal(g, want)
 
 
-@pytest.mark.parametrize("chunk", [optim.NOISE_CHUNK, 37])
+@pytest.mark.parametrize("chunk", [noise.NOISE_CHUNK, 37])
 def test_noise_is_gaussian_per_coordinate_with_std_sigma_C_over_B(monkeypatch, chunk):
-    monkeypatch.setattr(optim, "NOISE_CHUNK", chunk)
+    monkeypatch.setattr(noise, "NOISE_CHUNK", chunk)
     model, opt = _setup(seed=1)
     z = torch.cat([g.flatten() for g in _noise_of_one_step(model, opt)]) / (SIGMA * C / B)
     n = z.numel()  # 12,327 coordinates

@@ -1,0 +1,160 @@
+"""Noise drawn ahead on a worker thread (prefetch_noise, fxclip.noise), in runs as a user's loop
+makes them: make_private's Poisson batches whose sizes change (empty ones included), keyword
+tensors with a padding mask, eager and compiled. At every step the update is, in float64, exactly
+(the oracle's clipped sum + sigma C z) / B, with z the next values of the optimizer's own noise
+generator, and those values were drawn on the worker thread."""
+from __future__ import annotations
+
+import copy
+import threading
+
+import pytest
+import torch
+from helpers import D, MaskedBag, per_row_loss, sq_loss
+from reference import per_sample_reference
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import fxclip
+from fxclip.noise import NoiseSource
+
+C, SIGMA, B = 0.3, 0.8, 4
+
+
+def masked_rows(n=24, seed=0):
+    """Token ids right-padded with an attention mask, float64 targets, and each row's index + 1."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 7, (n,), generator=g)
+    mask = (torch.arange(6)[None, :] < lengths[:, None]).long()
+    tokens = torch.randint(1, 30, (n, 6), generator=g) * mask
+    return TensorDataset(tokens, mask, torch.randn(n, 3, dtype=D, generator=g) * 3)
+
+
+@pytest.fixture
+def draw_threads(monkeypatch):
+    """The name of the thread of every NoiseSource draw, in order."""
+    names = []
+    original = NoiseSource._draw
+
+    def recording(self, *args):
+        names.append(threading.current_thread().name)
+        return original(self, *args)
+
+    monkeypatch.setattr(NoiseSource, "_draw", recording)
+    return names
+
+
+def stream_values(generator: torch.Generator, model: nn.Module) -> dict:
+    """The next noise values of the stream, per parameter in optimizer order (one draw each:
+    these parameters are smaller than NOISE_CHUNK)."""
+    return {n: torch.randn(p.shape, dtype=p.dtype, generator=generator) for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_prefetched_noise_is_the_stream_at_every_step(compiled, draw_threads):
+    torch.manual_seed(0)
+    model = MaskedBag().to(D)
+    oracle = copy.deepcopy(model)
+    pm, opt, loader = fxclip.make_private(
+        model, torch.optim.SGD(model.parameters(), lr=1.0), DataLoader(masked_rows(), batch_size=B),
+        noise_multiplier=SIGMA, max_grad_norm=C, loss_fn=per_row_loss, prefetch_noise=True,
+        generator=torch.Generator().manual_seed(3))
+    stream = torch.Generator().set_state(opt.noise_source.generator.get_state())
+    run = torch.compile(pm) if compiled else pm
+    sizes, steps = set(), 0
+    for _ in range(2):  # epochs
+        for tokens, mask, y in loader:
+            before = {n: p.detach().clone() for n, p in model.named_parameters()}
+            oracle.load_state_dict(model.state_dict())
+            opt.zero_grad()
+            if len(y):
+                run(tokens, attention_mask=mask, target=y).mean().backward()
+            opt.step()
+            steps += 1
+            sizes.add(len(y))
+            z = stream_values(stream, model)
+            if len(y):
+                clipped, _ = per_sample_reference(oracle, (tokens, mask), y, sq_loss, C, loss_reduction="sum")
+            else:  # an empty batch: noise alone
+                clipped = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+            for n, p in model.named_parameters():
+                want = (clipped[n] + SIGMA * C * z[n]) / B
+                torch.testing.assert_close(before[n] - p.detach(), want, rtol=1e-9, atol=1e-12, msg=n)
+    assert len(sizes) > 3 and 0 in sizes or len(sizes) > 4
+    # every step after the first added values drawn on the worker thread, which has drawn the
+    # next step's too
+    opt.noise_source._wait()
+    assert draw_threads.count("MainThread") == 1
+    assert sum(name.startswith("fxclip-noise") for name in draw_threads) == steps
+
+
+def _adaptive_run(prefetch: bool, generator: torch.Generator, batches: list) -> list:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    pm = fxclip.privatize(model, max_grad_norm=C, loss_fn=per_row_loss)
+    opt = fxclip.DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.5), pm, noise_multiplier=SIGMA,
+                             expected_batch_size=B, generator=generator, prefetch_noise=prefetch,
+                             adaptive_clipping=fxclip.AdaptiveClipping(learning_rate=0.3, count_noise_multiplier=4.0))
+    for x, y in batches:
+        opt.zero_grad()
+        if len(y):
+            pm(x, target=y).mean().backward()
+        opt.step()
+    opt.noise_source._wait()
+    return [p.detach().clone() for p in model.parameters()] + [torch.tensor(pm.max_grad_norm)]
+
+
+def test_drawing_ahead_keeps_the_order_of_the_draws_with_adaptive_clipping(draw_threads):
+    """Adaptive clipping draws its count's noise from the same generator during the step: the
+    values drawn ahead come after it, as at the step, so a run with prefetching is bit for bit
+    the run without it on a generator started where the forked one starts."""
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(k, 6, dtype=D, generator=g), torch.randn(k, 3, dtype=D, generator=g))
+               for k in (5, 2, 0, 7, 4, 6)]
+    ahead = _adaptive_run(True, torch.Generator().manual_seed(9), batches)
+    assert sum(name.startswith("fxclip-noise") for name in draw_threads) == len(batches)
+    forked = NoiseSource(torch.Generator().manual_seed(9), secure=False, prefetch=True).generator
+    at_step = _adaptive_run(False, forked, batches)
+    assert all(torch.equal(a, b) for a, b in zip(ahead, at_step))
+    assert not torch.equal(ahead[-1], torch.tensor(C))  # the threshold moved: the count was drawn
+
+
+def test_values_drawn_for_another_layout_are_dropped():
+    """A step whose gradients are laid out otherwise than the last one's draws its own values;
+    the stream goes on after the dropped ones."""
+    source = NoiseSource(torch.Generator().manual_seed(1), secure=False, prefetch=True)
+    stream = torch.Generator().set_state(source.generator.get_state())
+    first = torch.zeros(5)
+    source.add_([first], 1.0)
+    source.draw_ahead()  # 5 values for a step laid out like the first
+    second = torch.zeros(7)
+    source.add_([second], 2.0)
+    assert torch.equal(first, torch.randn(5, generator=stream))
+    torch.randn(5, generator=stream)  # the dropped values
+    assert torch.equal(second, 2.0 * torch.randn(7, generator=stream))
+
+
+def test_secure_noise_drawn_ahead(draw_threads):
+    torch.manual_seed(0)
+    model = nn.Linear(300, 40)
+    pm = fxclip.privatize(model, max_grad_norm=C, loss_reduction="sum")
+    opt = fxclip.DPOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), pm, noise_multiplier=SIGMA,
+                             expected_batch_size=B, loss_reduction="sum", secure_rng=True, prefetch_noise=True)
+    moves = []
+    for _ in range(3):
+        before = model.weight.detach().clone()
+        opt.zero_grad()
+        opt.step()  # no backward (an empty batch): the noise alone
+        moves.append((model.weight.detach() - before).flatten())
+    opt.noise_source._wait()
+    assert sum(name.startswith("fxclip-noise") for name in draw_threads) == 3
+    assert torch.stack(moves).std().item() == pytest.approx(SIGMA * C, rel=0.03)
+    assert not torch.equal(moves[1], moves[2])
+
+
+def test_prefetching_is_for_cpu_parameters():
+    model = nn.Linear(4, 2, device="meta")
+    pm = fxclip.privatize(model, max_grad_norm=C)
+    with pytest.raises(ValueError, match="prefetch_noise draws on a CPU worker thread"):
+        fxclip.DPOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), pm, noise_multiplier=SIGMA,
+                           expected_batch_size=B, prefetch_noise=True)
