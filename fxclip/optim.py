@@ -8,9 +8,11 @@ ACTUAL batch size B. DP-SGD needs
 
 Dividing by the expected (not the actual) batch size keeps the sensitivity fixed under Poisson
 sampling: the actual size depends on who is in the batch. So while a DPOptimizer owns the module
-(a runtime field of its device state), the graph scales each backward's clip factors by that
-backward's own B and leaves the plain clipped sum: gradient accumulation stays exact when
-micro-batches differ in size, with no gradient hook and no second gradient-sized tensor.
+(runtime fields of its device state: `owners`, and `sum_divisor` = the expected batch size, 1 for
+"sum"), the graph scales each backward's clip factors by that backward's own B over the expected
+one and leaves sum_i R_i grad_i / expected_batch_size: gradient accumulation stays exact when
+micro-batches differ in size, with no gradient hook, no second gradient-sized tensor, and no pass
+over the gradients to divide them; the step adds the noise scaled by the same divisor.
 """
 from __future__ import annotations
 
@@ -115,8 +117,9 @@ class DPOptimizer(torch.optim.Optimizer):
 
     Gradient accumulation: call backward on several micro-batches, then step() once. The noise
     is added once and the accountant counts one step per step() call (a logical batch).
-    For loss_reduction="mean" the module's backward leaves the clipped sum while this optimizer
-    owns it (until remove_hooks()): each graph scales its clip factors by its own batch size.
+    While this optimizer owns the module (until remove_hooks()) its backward leaves the clipped sum
+    divided by expected_batch_size ("mean"; the sum itself for "sum"): each graph scales its clip
+    factors by its own batch size over the expected one.
     A step() with no backward since zero_grad() (an empty Poisson batch) still adds noise and
     is counted: skipping it would leak that the batch was empty.
 
@@ -199,7 +202,7 @@ class DPOptimizer(torch.optim.Optimizer):
         self.original_optimizer = optimizer
         self.module = pm
         self.noise_multiplier = float(noise_multiplier)
-        self.expected_batch_size = expected_batch_size
+        self._expected_batch_size = expected_batch_size
         self._noise_bound = None if max_grad_norm is None else float(max_grad_norm)
         self.loss_reduction = loss_reduction
         self.sample_rate = sample_rate
@@ -223,8 +226,9 @@ class DPOptimizer(torch.optim.Optimizer):
         if adaptive_clipping is not None:
             adaptive_clipping.attach(self)
         self._owned = list(parts)
-        for part in self._owned:  # their backwards leave the clipped sum, for "mean" too
+        for part in self._owned:  # their backwards leave the clipped sum / the divisor
             part._add_owner(1)
+        self._write_divisor()
 
     # --- delegate the optimizer state so schedulers and user code see the inner optimizer ---
     param_groups = _delegated("param_groups")
@@ -239,6 +243,25 @@ class DPOptimizer(torch.optim.Optimizer):
         """C of the noise N(0, sigma^2 C^2): the one given, or the module's current clipping bound
         (thresholds are runtime values: a changed pm.max_grad_norm is followed)."""
         return _module_bound(self._parts) if self._noise_bound is None else self._noise_bound
+
+    @property
+    def expected_batch_size(self) -> int:
+        return self._expected_batch_size
+
+    @expected_batch_size.setter
+    def expected_batch_size(self, value: int) -> None:
+        self._expected_batch_size = value
+        self._write_divisor()
+
+    def _divisor(self) -> int:
+        """What the update divides the noised clipped sum by."""
+        return self._expected_batch_size if self.loss_reduction == "mean" else 1
+
+    def _write_divisor(self) -> None:
+        """The owned modules' backwards leave the clipped sum divided by it (a device write: the
+        next backward follows it, no recompile)."""
+        for part in self._owned:
+            part.device_state.set("sum_divisor", self._divisor())
 
     # --- the per-backward rescale ---
     @property
@@ -268,18 +291,16 @@ class DPOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def add_noise(self) -> None:
-        """Turns each .grad from the clipped sum into the noised update gradient (in place).
+        """Turns each .grad from the clipped sum / the divisor (what the owned backwards leave)
+        into the noised update gradient, in place: + N(0, sigma^2 C^2) / the divisor.
         Several processes: the ranks that add noise add it to their own sums (rank 0 alone, or
         under FSDP2 every rank to its shard), then the sums are combined (_combine_sums)."""
-        std = self.noise_multiplier * self.max_grad_norm
-        scale = 1.0 / self.expected_batch_size if self.loss_reduction == "mean" else 1.0
+        std = self.noise_multiplier * self.max_grad_norm / self._divisor()
         accs = [self._accumulator(p) for p in self._params]
         local = [_local_tensor(acc) for acc in accs]  # a sharded gradient: this rank's shard
         if self._adds_noise():
             self.noise_source.add_(local, std)
         self._combine_sums(local)
-        if scale != 1.0:
-            torch._foreach_mul_(local, scale)
         for p, acc in zip(self._params, accs):
             if acc is not p.grad:
                 p.grad = acc.to(p.dtype)

@@ -99,10 +99,13 @@ class DeviceState:
         "backwards",    # backward passes seen
         "valid_rows",   # how many leading rows of the coming batches are real (inf: all)
         "unclipped",    # real samples whose norm was <= C (adaptive clipping's count)
-        "owners",       # DPOptimizers that own the module: while > 0, loss_reduction="mean" leaves
-                        # the clipped SUM (R_i scaled by this backward's rows), which they noise
+        "owners",       # DPOptimizers that own the module: while > 0, the backward leaves the
+                        # clipped SUM divided by sum_divisor (R_i scaled by this backward's rows
+                        # for loss_reduction="mean"), which they noise
         "units",        # real privacy units seen (= samples without privacy_unit ids): what a
                         # DPOptimizer noising per unit divides by (its expected count)
+        "sum_divisor",  # what the owning DPOptimizer divides its update by: its expected batch
+                        # size (an integer, exact in float32), 1 for loss_reduction="sum"
     )
     INDEX = {name: i for i, name in enumerate(FIELDS)}
     CUMULATIVE = ("nonfinite", "bad_seed", "samples", "backwards", "unclipped", "units")
@@ -114,6 +117,7 @@ class DeviceState:
     def new_tensor(cls, device=None) -> torch.Tensor:
         state = torch.zeros(len(cls.FIELDS), dtype=torch.float32, device=device)
         state[cls.INDEX["valid_rows"]] = float("inf")
+        state[cls.INDEX["sum_divisor"]] = 1.0
         return state
 
     # --- host side ---

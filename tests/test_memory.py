@@ -62,7 +62,7 @@ def test_dp_optimizer_step_draws_noise_in_chunks_beside_the_gradient(monkeypatch
     _, sizes = peak_allocations(opt.step)
     assert max(sizes) <= 4 * 4096, sizes[:4]
     for p, w, g in zip(model.parameters(), before, clipped):
-        # .grad held the clipped sum (a DPOptimizer owns the module); the update is
+        # .grad held the clipped sum / B (a DPOptimizer owns the module); the update is
         # lr * (sum + noise) / B with noise of std sigma * C = 1
-        noise = (w - p.detach()) / 0.1 * 8 - g
+        noise = ((w - p.detach()) / 0.1 - g) * 8
         assert 0.8 < noise.std() < 1.2 and abs(noise.mean()) < 0.1

@@ -52,15 +52,15 @@ def _noise_of_one_step(model, opt):
 
 @pytest.mark.parametrize("chunk", [noise.NOISE_CHUNK, 1000, 37])
 def test_fused_noise_is_bit_for_bit_the_per_parameter_stream(monkeypatch, chunk):
-    """The stream the seed fixes is unchanged: for each parameter in optimizer order, one
-    torch.randn per NOISE_CHUNK piece of its values, times sigma C, then / B."""
+    """The stream the seed fixes: for each parameter in optimizer order, one torch.randn per
+    NOISE_CHUNK piece of its values, times sigma C / B."""
     monkeypatch.setattr(noise, "NOISE_CHUNK", chunk)
     model, opt = _setup(seed=4)
     got = _noise_of_one_step(model, opt)
     gen = torch.Generator().manual_seed(4)
     for g, p in zip(got, model.parameters()):
         pieces = [torch.randn(piece.numel(), generator=gen) for piece in torch.zeros(p.numel()).split(chunk)]
-        want = torch.cat(pieces).mul_(opt.noise_multiplier * opt.max_grad_norm).view(p.shape).mul_(1.0 / B)
+        want = torch.cat(pieces).mul_(opt.noise_multiplier * opt.max_grad_norm / B).view(p.shape)
         assert torch.equal(g, want)
 
 

@@ -90,8 +90,11 @@ def clip_fn(groups: list, mean: bool, checked_loss: bool, units: bool = False, u
             factor = factor / sizes
         # a unit is counted once: at its first real row (every row, without units)
         first = real if index is None else real & (index == torch.arange(batch, device=index.device))
-        if mean:  # a DPOptimizer wants the sum: scale R by this backward's B, not the gradient
-            factor = factor * (1 + (batch - 1) * (field(state, "owners") > 0).to(factor.dtype))
+        # a DPOptimizer owns the module: leave its update's clipped sum, divided by its expected
+        # batch size (the gradient carried this backward's 1/B for a mean: undo that instead)
+        owned = (field(state, "owners") > 0).to(factor.dtype)
+        per_owner = field(state, "sum_divisor").to(factor.dtype).reciprocal() * (batch if mean else 1)
+        factor = factor * (1 + (per_owner - 1) * owned)
         counts = {
             "nonfinite": (real & ~finite).sum(),
             "bad_seed": _bad_seed(seed, batch, mean, scale) if checked_loss else real.new_zeros(()),
