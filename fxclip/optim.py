@@ -80,6 +80,12 @@ def _module_bound(parts) -> float:
     return math.sqrt(sum(p.max_grad_norm ** 2 for p in parts))
 
 
+def _check_expected_batch_size(value) -> None:
+    # an integer up to 2^24: the graph divides by it, held exactly in the float32 device state
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= 2**24:
+        raise ValueError(f"expected_batch_size must be a positive int (at most 2^24), got {value!r}")
+
+
 def _delegated(name: str) -> property:
     """An attribute read from and written to the wrapped optimizer."""
     return property(lambda self: getattr(self.original_optimizer, name),
@@ -164,9 +170,7 @@ class DPOptimizer(torch.optim.Optimizer):
         module_reduction = parts[0].loss_reduction
         if noise_multiplier is None or not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
             raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}")
-        if isinstance(expected_batch_size, bool) or not isinstance(expected_batch_size, int) \
-                or expected_batch_size <= 0:
-            raise ValueError(f"expected_batch_size must be a positive int, got {expected_batch_size!r}")
+        _check_expected_batch_size(expected_batch_size)
         if max_grad_norm is not None and float(max_grad_norm) < module_bound * (1 - 1e-12):
             raise ValueError(f"max_grad_norm={max_grad_norm} is smaller than the module's clipping "
                              f"bound {module_bound}: the noise would not cover the sensitivity")
@@ -250,6 +254,7 @@ class DPOptimizer(torch.optim.Optimizer):
 
     @expected_batch_size.setter
     def expected_batch_size(self, value: int) -> None:
+        _check_expected_batch_size(value)
         self._expected_batch_size = value
         self._write_divisor()
 
