@@ -3,6 +3,7 @@ losses (float64), LoRA, accounting, resuming, torch.compile, refusals."""
 import copy
 import subprocess
 import sys
+import threading
 
 import dp_accounting
 import peft
@@ -12,6 +13,7 @@ import transformers
 from torch import nn
 
 import fxclip
+from fxclip import noise
 from fxclip.huggingface import DPTrainer, DPTrainingArguments
 from fxclip.huggingface import losses as L
 
@@ -319,3 +321,34 @@ def test_a_loss_that_bypasses_the_privatized_model_is_refused(tmp_path):
 def test_the_core_package_does_not_import_transformers():
     code = "import sys, fxclip; assert 'transformers' not in sys.modules and 'peft' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_prefetched_noise_is_the_forked_stream_at_every_step(tmp_path, monkeypatch):
+    """DPTrainingArguments(prefetch_noise=True): BERT on padded rows (attention masks), two steps;
+    each update is the per-sample reference step plus sigma C / B times the next values of the
+    optimizer's own generator, the second step's drawn on the worker thread."""
+    threads, draw = [], noise.NoiseSource._draw
+    monkeypatch.setattr(noise.NoiseSource, "_draw",
+                        lambda self, *a: threads.append(threading.current_thread().name) or draw(self, *a))
+    model, data = _bert(), _cls_data()
+    reference = copy.deepcopy(model)
+    sigma, args = 0.7, _args(tmp_path, noise_multiplier=0.7, max_steps=2, prefetch_noise=True)
+    trainer = DPTrainer(model=model, args=args, train_dataset=data, data_collator=_collate)
+    trainer.train()
+    opt = trainer._dp_optimizer
+    assert opt.prefetch_noise and trainer.state.global_step == 2
+    # the stream: the forked generator from its seed, in the optimizer's parameter order
+    values = torch.Generator().manual_seed(opt.noise_source.generator.initial_seed())
+    names = {id(p): n for n, p in model.named_parameters()}
+    trainable = {n: p for n, p in reference.named_parameters() if p.requires_grad}
+    for _ in range(2):
+        expected, _ = _reference_step(reference, data, args.learning_rate, args.max_grad_norm, 4)
+        z = {names[id(p)]: torch.randn(p.shape, dtype=p.dtype, generator=values) for p in opt._params}
+        with torch.no_grad():
+            for (n, p), e in zip(trainable.items(), expected):
+                p.copy_(e - args.learning_rate * sigma * args.max_grad_norm * z[n] / 4)
+    for (n, p), r in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p, r, rtol=1e-9, atol=1e-12, msg=n)
+    opt.noise_source._wait()
+    assert threads[0] == "MainThread" and len(threads) == 3
+    assert all(t.startswith("fxclip-noise") for t in threads[1:])  # the 2nd step's and the next's
