@@ -83,6 +83,7 @@ class NoiseSource:
             self.generator = _forked(generator)
         self._worker = None
         self._pending = None  # (layout, future of the buffers)
+        self._last_layout = None  # the last add_'s: the next step's is drawn for it
 
     def add_(self, accs: list, std: float) -> None:
         """acc += std * z for every accumulator, z the stream's next values (the ones drawn
@@ -103,7 +104,7 @@ class NoiseSource:
 
     def draw_ahead(self) -> None:
         """Start drawing the next step's values (prefetch only; the layout of the last add_)."""
-        layout = getattr(self, "_last_layout", None)
+        layout = self._last_layout
         if not self.prefetch or layout is None or self._pending is not None:
             return
         if self._worker is None:
