@@ -71,10 +71,6 @@ def _privatized_parts(module: nn.Module) -> list:
     return parts
 
 
-def _privatized_params(parts) -> list:
-    return [p for part in parts for p in part.parameters()]
-
-
 def _module_bound(parts) -> float:
     """A sample's whole clipped gradient has norm <= sqrt(sum over privatized parts of C_b^2)."""
     return math.sqrt(sum(p.max_grad_norm ** 2 for p in parts))
@@ -181,9 +177,6 @@ class DPOptimizer(torch.optim.Optimizer):
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
         if secure_rng and generator is not None:
             raise ValueError("pass either generator= (seedable, for tests) or secure_rng=True, not both")
-        if prefetch_noise and any(p.device.type != "cpu" for p in _privatized_params(parts)):
-            raise ValueError("prefetch_noise draws on a CPU worker thread, for CPU parameters; on an "
-                             "accelerator the noise kernels already run asynchronously: leave it off")
         if isinstance(accountant, str):
             from .accounting import Accountant  # dp_accounting loads at first use, not at import
 
@@ -203,6 +196,9 @@ class DPOptimizer(torch.optim.Optimizer):
             # the silent failure of LoRA weights left out of the optimizer
             raise refusal("parameters-not-in-optimizer", count=len(missing), first=missing[0])
 
+        if prefetch_noise and any(p.device.type != "cpu" for p in self._params):
+            raise ValueError("prefetch_noise draws on a CPU worker thread, for CPU parameters; on an "
+                             "accelerator the noise kernels already run asynchronously: leave it off")
         self.original_optimizer = optimizer
         self.module = pm
         self.noise_multiplier = float(noise_multiplier)
