@@ -4,10 +4,13 @@ one step ahead on a worker thread.
 The stream: for each accumulator in optimizer order, one draw (torch.randn of the generator) per
 NOISE_CHUNK piece of its flat values. Pieces are grouped into runs of at most NOISE_CHUNK values,
 each drawn into one buffer and added by one fused op, so that (drawing at the step) at most
-NOISE_CHUNK noise values exist beside the gradients.
+NOISE_CHUNK noise values exist beside the gradients. The grouping and that buffer are made once per
+layout of the gradients and reused at every step: on a small model the Python around the draw
+cost as much as the draw.
 
 Drawing ahead (`prefetch=True`, CPU only): after a step, a worker thread draws the next step's
-values while the caller loads data and runs forward and backward; the step then only adds them.
+values while the caller loads data and runs forward and backward; the step then only adds them,
+each run as soon as it is drawn.
 torch's CPU generator is a Mersenne Twister that draws ~5 ns per value on one core, which for a
 model of millions of parameters costs as much as its forward and backward: drawing ahead moves
 that off the training thread onto an idle core. It holds one gradient-sized float buffer, and it
@@ -46,24 +49,77 @@ def noise_runs(accs: list, chunk: int):
     """The accumulators' noise draws, grouped into runs of at most `chunk` values. A draw is one
     accumulator's own piece (the whole tensor, or its flat values cut every `chunk` values); a run
     never mixes dtypes or devices; a non-contiguous tensor is drawn whole, by shape."""
-    run, room = [], chunk
-    for acc in accs:
-        pieces = (acc,) if acc.numel() <= chunk or not acc.is_contiguous() else acc.view(-1).split(chunk)
-        for piece in pieces:
-            if piece.numel() == 0:
+    for run in _plan_runs(accs, chunk):
+        yield [_piece(accs, piece) for piece in run]
+
+
+def _plan_runs(accs: list, chunk: int) -> list:
+    """noise_runs as (accumulator index, flat start, flat stop) per piece; (i, None, None) is the
+    whole accumulator."""
+    runs, run, room, last = [], [], chunk, None
+    for i, acc in enumerate(accs):
+        n = acc.numel()
+        whole = n <= chunk or not acc.is_contiguous()
+        for start in (0,) if whole else range(0, n, chunk):
+            size = n if whole else min(chunk, n - start)
+            if size == 0:
                 continue
-            if run and (piece.numel() > room or (piece.dtype, piece.device) != (run[0].dtype, run[0].device)):
-                yield run
+            kind = (acc.dtype, acc.device)
+            if run and (size > room or kind != last):
+                runs.append(run)
                 run, room = [], chunk
-            run.append(piece)
-            room -= piece.numel()
+            run.append((i, None, None) if whole else (i, start, start + size))
+            room -= size
+            last = kind
     if run:
-        yield run
+        runs.append(run)
+    return runs
 
 
-def _layout(runs: list) -> tuple:
-    """What a run's draw depends on: its pieces' sizes, its dtype and device."""
-    return tuple((tuple(t.numel() for t in run), run[0].dtype, run[0].device) for run in runs)
+def _piece(accs: list, piece: tuple) -> torch.Tensor:
+    i, start, stop = piece
+    return accs[i] if start is None else accs[i].view(-1)[start:stop]
+
+
+class _Plan:
+    """How accumulators laid out one way are noised: the runs and what their draws depend on
+    (`layout`: per run its pieces' sizes, dtype, device), cached per layout so that a step
+    repeats no grouping work. Draws at the step reuse one buffer of the largest run (per dtype
+    and device): at most NOISE_CHUNK values beside the gradients, allocated once."""
+
+    def __init__(self, accs: list, chunk: int):
+        self.runs = _plan_runs(accs, chunk)
+        self.shapes = [[_piece(accs, piece).shape for piece in run] for run in self.runs]
+        self.layout = tuple((tuple(math.prod(s) for s in shapes), accs[run[0][0]].dtype, accs[run[0][0]].device)
+                            for run, shapes in zip(self.runs, self.shapes))
+        self._buffers = None  # per run: where its draw at the step goes
+
+    def pieces(self, accs: list, run: int) -> list:
+        return [_piece(accs, piece) for piece in self.runs[run]]
+
+    def views(self, z: torch.Tensor, run: int) -> list:
+        """z's pieces shaped like the run's pieces."""
+        return [zi.view(shape) for zi, shape in zip(z.split(self.layout[run][0]), self.shapes[run])]
+
+    def buffers(self, draw_device) -> list:
+        """Per run, where a draw at the step goes: (its pieces, flat, to draw into; the same shaped
+        like the run's pieces) in ONE buffer of the largest run's size, reused at every step; None
+        for a run drawn on another device than its own (a CPU generator for accelerator
+        gradients: drawn, then copied)."""
+        if self._buffers is None:
+            largest = max(sum(sizes) for sizes, _, _ in self.layout)
+            kinds = {(dtype, device) for _, dtype, device in self.layout}
+            shared = {kind: torch.empty(largest, dtype=kind[0], device=kind[1]) for kind in kinds}
+            self._buffers = []
+            for run, (sizes, dtype, device) in enumerate(self.layout):
+                z = shared[dtype, device][:sum(sizes)]
+                own = draw_device is None or torch.device(draw_device) == device
+                self._buffers.append((z.split(sizes), self.views(z, run)) if own else None)
+        return self._buffers
+
+
+def _accumulators_key(accs: list, chunk: int) -> tuple:
+    return chunk, tuple((t.shape, t.dtype, t.device, t.is_contiguous()) for t in accs)
 
 
 class NoiseSource:
@@ -82,20 +138,35 @@ class NoiseSource:
         if prefetch and not secure:
             self.generator = _forked(generator)
         self._worker = None
-        self._pending = None  # (layout, future of the buffers)
+        self._pending = None  # (layout, per run the future of its values)
         self._last_layout = None  # the last add_'s: the next step's is drawn for it
+        self._plans = {}  # accumulators' key -> _Plan
 
     def add_(self, accs: list, std: float) -> None:
         """acc += std * z for every accumulator, z the stream's next values (the ones drawn
         ahead when their layout is this step's, else drawn now)."""
-        runs = list(noise_runs(accs, NOISE_CHUNK))
-        layout = _layout(runs)
-        ready = self._take_ahead(layout)
-        for run, (sizes, dtype, device), z in zip(runs, layout, ready or [None] * len(runs)):
-            if z is None:
-                z = self._draw(sizes, dtype, device)
-            torch._foreach_add_(run, [zi.view(t.shape) for zi, t in zip(z.split(sizes), run)], alpha=std)
-        self._last_layout = layout
+        key = _accumulators_key(accs, NOISE_CHUNK)
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= 16:  # layouts that keep changing: keep no stale buffers
+                self._plans.clear()
+            plan = self._plans[key] = _Plan(accs, NOISE_CHUNK)
+        ready = self._take_ahead(plan.layout)
+        reusable = None if ready is not None else plan.buffers(self._draw_device())
+        for run, (sizes, dtype, device) in enumerate(plan.layout):
+            if ready is not None:
+                z = plan.views(ready[run].result(), run)
+            elif reusable[run] is not None:
+                flat, z = reusable[run]
+                self._fill(flat)
+            else:
+                z = plan.views(self._draw(sizes, dtype, device), run)
+            torch._foreach_add_(plan.pieces(accs, run), z, alpha=std)
+        self._last_layout = plan.layout
+
+    def _draw_device(self):
+        """Where the stream's values are drawn: the generator's device (None: the tensors')."""
+        return None if self.generator is None or self.secure else self.generator.device
 
     def normal(self, numel: int, dtype: torch.dtype, device) -> torch.Tensor:
         """numel N(0, 1) values of the stream, drawn now (after any draw in flight)."""
@@ -110,33 +181,42 @@ class NoiseSource:
         if self._worker is None:
             self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fxclip-noise")
             weakref.finalize(self, self._worker.shutdown, wait=False)
-        self._pending = (layout, self._worker.submit(
-            lambda: [self._draw(sizes, dtype, device) for sizes, dtype, device in layout]))
+        # one job per run, in order: the step adds each run's values as soon as they are drawn,
+        # while the worker draws the next run's
+        self._pending = (layout, [self._worker.submit(self._draw, *run) for run in layout])
 
     def _take_ahead(self, layout: tuple) -> list | None:
+        """The futures of the values drawn ahead for `layout`, one per run; None when nothing
+        was drawn ahead, or for another layout (a parameter's dtype changed, a gradient became
+        non-contiguous): those values are dropped, this step draws its own and the stream goes
+        on from there."""
         if self._pending is None:
             return None
-        drawn_for, future = self._pending
+        drawn_for, futures = self._pending
+        if drawn_for != layout:
+            self._wait()
+            futures = None
         self._pending = None
-        buffers = future.result()
-        # another layout (a parameter's dtype changed, a gradient became non-contiguous): those
-        # values are dropped and this step draws its own; the stream goes on from there
-        return buffers if drawn_for == layout else None
+        return futures
 
     def _wait(self) -> None:
         if self._pending is not None:
-            self._pending[1].result()
+            for future in self._pending[1]:
+                future.result()
 
     def _draw(self, sizes: list, dtype: torch.dtype, device) -> torch.Tensor:
-        """N(0, 1) values in one flat buffer, each piece of `sizes` its own draw: the values of
-        torch.randn(n) per piece."""
-        if self.secure:
-            return secure_normal((sum(sizes),)).to(device, dtype)
-        z = torch.empty(sum(sizes), dtype=dtype,
-                        device=device if self.generator is None else self.generator.device)
-        for piece in z.split(sizes):
-            piece.normal_(generator=self.generator)
+        """N(0, 1) values in one new flat buffer, each piece of `sizes` its own draw."""
+        z = torch.empty(sum(sizes), dtype=dtype, device=self._draw_device() or device)
+        self._fill(z.split(sizes))
         return z.to(device)
+
+    def _fill(self, pieces) -> None:
+        """Each piece its own draw: the values of torch.randn(n) per piece (secure: os.urandom's)."""
+        for piece in pieces:
+            if self.secure:
+                piece.copy_(secure_normal(piece.shape))
+            else:
+                piece.normal_(generator=self.generator)
 
 
 def _forked(generator: torch.Generator | None) -> torch.Generator:

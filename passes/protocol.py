@@ -142,9 +142,9 @@ class DeviceState:
 
     def reset(self) -> None:
         """Zero the cumulative counts and flags: one multiply by a 0/1 mask (the optimizer resets
-        at every step; one write per field was 5 small ops)."""
-        with torch.no_grad():
-            self.tensor.mul_(self._keep_mask(self.tensor.device))
+        at every step; one write per field was 5 small ops). The state never requires a gradient:
+        no autograd context is needed."""
+        self.tensor.mul_(self._keep_mask(self.tensor.device))
 
     _keep_masks: dict = {}
 
@@ -171,13 +171,26 @@ class DeviceState:
 
     # --- graph side (inside traced code) ---
     @classmethod
-    def updated(cls, state: torch.Tensor, counts: dict, rows: torch.Tensor) -> torch.Tensor:
-        """The state after a backward: `counts` added, `rows` the batch size."""
-        return torch.stack([
-            state[i] + counts[name].to(state.dtype) if name in counts
-            else rows.to(state.dtype) if name == "batch_size"
-            else state[i]
-            for name, i in cls.INDEX.items()])
+    def updated(cls, state: torch.Tensor, per_row: dict, totals: dict, rows_like: torch.Tensor) -> torch.Tensor:
+        """The state after a backward of the batch of `rows_like` (any (B,) tensor): each of
+        `per_row` ((B,) 0/1 per row) added summed over the rows, each of `totals` (a number or a
+        0-d tensor) added as is, batch_size set to B.
+
+        Written as one (B, fields) expression summed over the rows, so that Inductor makes it one
+        reduction into one buffer: a stack of per-field scalars compiled to a buffer and a view
+        per field, which the backward's wrapper allocates at every call."""
+        index = torch.arange(len(cls.FIELDS), device=state.device)
+
+        def at(name: str) -> torch.Tensor:
+            return (index == cls.INDEX[name]).to(state.dtype)
+
+        rows = at("batch_size") * torch.ones_like(rows_like, dtype=state.dtype)[:, None]
+        for name, flags in per_row.items():
+            rows = rows + at(name) * flags.to(state.dtype)[:, None]
+        out = state * (1 - at("batch_size")) + rows.sum(0)
+        for name, value in totals.items():
+            out = out + at(name) * (value.to(state.dtype) if isinstance(value, torch.Tensor) else value)
+        return out
 
     @classmethod
     def field(cls, state: torch.Tensor, name: str) -> torch.Tensor:

@@ -327,9 +327,9 @@ def test_prefetched_noise_is_the_forked_stream_at_every_step(tmp_path, monkeypat
     """DPTrainingArguments(prefetch_noise=True): BERT on padded rows (attention masks), two steps;
     each update is the per-sample reference step plus sigma C / B times the next values of the
     optimizer's own generator, the second step's drawn on the worker thread."""
-    threads, draw = [], noise.NoiseSource._draw
-    monkeypatch.setattr(noise.NoiseSource, "_draw",
-                        lambda self, *a: threads.append(threading.current_thread().name) or draw(self, *a))
+    threads, fill = [], noise.NoiseSource._fill  # every draw fills its run's pieces
+    monkeypatch.setattr(noise.NoiseSource, "_fill",
+                        lambda self, *a: threads.append(threading.current_thread().name) or fill(self, *a))
     model, data = _bert(), _cls_data()
     reference = copy.deepcopy(model)
     sigma, args = 0.7, _args(tmp_path, noise_multiplier=0.7, max_steps=2, prefetch_noise=True)

@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import fxclip
+from fxclip import noise
 from fxclip.noise import NoiseSource
 
 C, SIGMA, B = 0.3, 0.8, 4
@@ -34,13 +35,13 @@ def masked_rows(n=24, seed=0):
 def draw_threads(monkeypatch):
     """The name of the thread of every NoiseSource draw, in order."""
     names = []
-    original = NoiseSource._draw
+    original = NoiseSource._fill
 
     def recording(self, *args):
         names.append(threading.current_thread().name)
         return original(self, *args)
 
-    monkeypatch.setattr(NoiseSource, "_draw", recording)
+    monkeypatch.setattr(NoiseSource, "_fill", recording)
     return names
 
 
@@ -132,6 +133,27 @@ def test_values_drawn_for_another_layout_are_dropped():
     assert torch.equal(first, torch.randn(5, generator=stream))
     torch.randn(5, generator=stream)  # the dropped values
     assert torch.equal(second, 2.0 * torch.randn(7, generator=stream))
+
+
+def test_runs_drawn_ahead_are_added_run_by_run_in_stream_order(monkeypatch, draw_threads):
+    """Several runs (NOISE_CHUNK 4): the worker draws one job per run, in order, and the step adds
+    each run's values when they are ready; every step is the stream's next pieces, each piece its
+    own draw."""
+    monkeypatch.setattr(noise, "NOISE_CHUNK", 4)
+    source = NoiseSource(torch.Generator().manual_seed(2), secure=False, prefetch=True)
+    stream = torch.Generator().set_state(source.generator.get_state())
+    for _ in range(3):
+        accs = [torch.zeros(5), torch.zeros(3), torch.zeros(2, 3)]
+        source.add_(accs, 1.0)
+        source.draw_ahead()
+        assert len(source._pending[1]) == 4  # runs [4], [1, 3], [4], [2] of the pieces
+        want = [torch.cat([torch.randn(4, generator=stream), torch.randn(1, generator=stream)]),
+                torch.randn(3, generator=stream),
+                torch.cat([torch.randn(4, generator=stream), torch.randn(2, generator=stream)]).view(2, 3)]
+        assert all(torch.equal(a, w) for a, w in zip(accs, want))
+    source._wait()
+    assert draw_threads.count("MainThread") == 4  # the first step's four runs; then the worker's
+    assert sum(name.startswith("fxclip-noise") for name in draw_threads) == 12
 
 
 def test_secure_noise_drawn_ahead(draw_threads):

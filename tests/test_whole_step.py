@@ -53,15 +53,16 @@ def _noise_of_one_step(model, opt):
 @pytest.mark.parametrize("chunk", [noise.NOISE_CHUNK, 1000, 37])
 def test_fused_noise_is_bit_for_bit_the_per_parameter_stream(monkeypatch, chunk):
     """The stream the seed fixes: for each parameter in optimizer order, one torch.randn per
-    NOISE_CHUNK piece of its values, times sigma C / B."""
+    NOISE_CHUNK piece of its values, times sigma C / B; step after step."""
     monkeypatch.setattr(noise, "NOISE_CHUNK", chunk)
     model, opt = _setup(seed=4)
-    got = _noise_of_one_step(model, opt)
     gen = torch.Generator().manual_seed(4)
-    for g, p in zip(got, model.parameters()):
-        pieces = [torch.randn(piece.numel(), generator=gen) for piece in torch.zeros(p.numel()).split(chunk)]
-        want = torch.cat(pieces).mul_(opt.noise_multiplier * opt.max_grad_norm / B).view(p.shape)
-        assert torch.equal(g, want)
+    for _ in range(3):  # steps reuse one draw buffer: each step the stream's next values
+        got = _noise_of_one_step(model, opt)
+        for g, p in zip(got, model.parameters()):
+            pieces = [torch.randn(piece.numel(), generator=gen) for piece in torch.zeros(p.numel()).split(chunk)]
+            want = torch.cat(pieces).mul_(opt.noise_multiplier * opt.max_grad_norm / B).view(p.shape)
+            assert torch.equal(g, want)
 
 
 @pytest.mark.parametrize("chunk", [noise.NOISE_CHUNK, 37])

@@ -95,15 +95,14 @@ def clip_fn(groups: list, mean: bool, checked_loss: bool, units: bool = False, u
         owned = (field(state, "owners") > 0).to(factor.dtype)
         per_owner = field(state, "sum_divisor").to(factor.dtype).reciprocal() * (batch if mean else 1)
         factor = factor * (1 + (per_owner - 1) * owned)
-        counts = {
-            "nonfinite": (real & ~finite).sum(),
-            "bad_seed": _bad_seed(seed, batch, mean, scale) if checked_loss else real.new_zeros(()),
-            "samples": real.sum(),
-            "backwards": real.new_ones(()),
-            "unclipped": (first & (total <= limit.square().sum().sqrt())).sum(),
-            "units": first.sum(),
+        per_row = {
+            "nonfinite": real & ~finite,
+            "samples": real,
+            "unclipped": first & (total <= limit.square().sum().sqrt()),
+            "units": first,
         }
-        updated = DeviceState.updated(state, counts, torch.ones_like(total).sum())
+        totals = {"backwards": 1, "bad_seed": _bad_seed(seed, batch, mean, scale) if checked_loss else 0}
+        updated = DeviceState.updated(state, per_row, totals, total)
         return ops.record_step(total.where(real, torch.zeros_like(total)), updated, state, factor)
 
     return clip
@@ -112,7 +111,7 @@ def clip_fn(groups: list, mean: bool, checked_loss: bool, units: bool = False, u
 def _zero_norms(bref, state):
     """No samples: no norms to record, one backward to count."""
     empty = bref.new_zeros((0,), dtype=torch.float32)
-    updated = DeviceState.updated(state, {"backwards": state.new_ones(())}, empty.sum())
+    updated = DeviceState.updated(state, {}, {"backwards": 1}, empty)
     return ops.record_step(empty, updated, state, empty)
 
 
