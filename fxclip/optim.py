@@ -182,9 +182,14 @@ class DPOptimizer(torch.optim.Optimizer):
 
             accountant = Accountant(accountant)
 
-        owner = {id(p): part for part in parts for p in part.parameters()}
-        self._params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
-        stray = [i for i, p in enumerate(self._params) if id(p) not in owner]
+        # each privatized parameter's (part, clipping group): the noise covers the groups of
+        # what step() releases
+        self._group_of = {id(p): (i, g) for i, part in enumerate(parts)
+                          for p, g in zip(part._current_params(), part._table.groups)}
+        self.original_optimizer = optimizer
+        self._released_by_key = {}
+        self._refresh_params()
+        stray = [p for p in self._params if id(p) not in self._group_of]
         if stray:
             raise ValueError(f"{len(stray)} trainable optimizer parameter(s) are not in the privatized "
                              "module: their gradients would be unclipped")
@@ -199,7 +204,6 @@ class DPOptimizer(torch.optim.Optimizer):
         if prefetch_noise and any(p.device.type != "cpu" for p in self._params):
             raise ValueError("prefetch_noise draws on a CPU worker thread, for CPU parameters; on an "
                              "accelerator the noise kernels already run asynchronously: leave it off")
-        self.original_optimizer = optimizer
         self.module = pm
         self.noise_multiplier = float(noise_multiplier)
         self._expected_batch_size = expected_batch_size
@@ -240,9 +244,31 @@ class DPOptimizer(torch.optim.Optimizer):
 
     @property
     def max_grad_norm(self) -> float:
-        """C of the noise N(0, sigma^2 C^2): the one given, or the module's current clipping bound
-        (thresholds are runtime values: a changed pm.max_grad_norm is followed)."""
-        return _module_bound(self._parts) if self._noise_bound is None else self._noise_bound
+        """C of the noise N(0, sigma^2 C^2): the one given, or the current clipping bound of what
+        step() releases (thresholds are runtime values: a changed pm.max_grad_norm is followed)."""
+        return self._clipping_bound() if self._noise_bound is None else self._noise_bound
+
+    def _clipping_bound(self) -> float:
+        """sqrt(sum of C_g^2) over the clipping groups holding a released parameter: a sample's
+        clipped contribution to what step() releases has at most this norm."""
+        return math.sqrt(sum(self._parts[i]._limits[g] ** 2 for i, g in self._released_groups))
+
+    def _refresh_params(self) -> None:
+        """The parameters step() releases: the optimizer's parameters that are trainable now or
+        hold a gradient (the inner optimizer updates those), and their clipping groups. Follows
+        requires_grad: a parameter unfrozen after this optimizer was built is noised too. Cached
+        per pattern (one pass over the parameters per step, no walk of the module)."""
+        every = [p for group in self.original_optimizer.param_groups for p in group["params"]]
+        key = (tuple(map(id, every)), tuple(p.requires_grad or p.grad is not None for p in every))
+        released = self._released_by_key.get(key)
+        if released is None:
+            params = [p for p, r in zip(every, key[1]) if r]
+            groups = sorted({self._group_of[id(p)] for p in params if id(p) in self._group_of})
+            stray = sum(id(p) not in self._group_of for p in params)
+            if len(self._released_by_key) >= 16:  # patterns that keep changing: bounded memory
+                self._released_by_key.clear()
+            released = self._released_by_key[key] = (params, groups, stray)
+        self._params, self._released_groups, self._stray = released
 
     @property
     def expected_batch_size(self) -> int:
@@ -290,12 +316,16 @@ class DPOptimizer(torch.optim.Optimizer):
         dtype = torch.float32 if p.dtype in _LOW_PRECISION else p.dtype
         return self.noise_source.normal(p.numel(), dtype, p.device).view(p.shape).mul_(std)
 
-    @torch.no_grad()
     def add_noise(self) -> None:
         """Turns each .grad from the clipped sum / the divisor (what the owned backwards leave)
         into the noised update gradient, in place: + N(0, sigma^2 C^2) / the divisor.
         Several processes: the ranks that add noise add it to their own sums (rank 0 alone, or
         under FSDP2 every rank to its shard), then the sums are combined (_combine_sums)."""
+        self._refresh_params()
+        self._add_noise()
+
+    @torch.no_grad()
+    def _add_noise(self) -> None:
         std = self.noise_multiplier * self.max_grad_norm / self._divisor()
         accs = [self._accumulator(p) for p in self._params]
         local = [_local_tensor(acc) for acc in accs]  # a sharded gradient: this rank's shard
@@ -340,6 +370,7 @@ class DPOptimizer(torch.optim.Optimizer):
         # a GradScaler whose step() called this one set these (optimizers that declare
         # _step_supports_amp_scaling get the scale and the inf check instead of being skipped)
         scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        self._refresh_params()
         state = self._take_state(found_inf)
         if not self._checked(state, found_inf):
             self._count_step()  # the data was touched: an overflow-skipped step still spends epsilon
@@ -350,7 +381,7 @@ class DPOptimizer(torch.optim.Optimizer):
             for p in self._params:
                 if p.grad is not None:
                     p.grad.mul_(inv.to(p.grad.device, p.grad.dtype))
-        self.add_noise()
+        self._add_noise()
         self._count_step()
         if self.adaptive_clipping is not None:
             self.adaptive_clipping.update(self, state["unclipped"])
@@ -399,7 +430,9 @@ class DPOptimizer(torch.optim.Optimizer):
         scalers = {id(p.grad_scaler): p.grad_scaler for p in self._parts
                    if p.grad_scaler is not None and p.grad_scaler.is_enabled()}
         refuse = None
-        if found_inf is not None and not scalers:
+        if self._stray:
+            refuse = refusal("unprivatized-parameter-released", count=self._stray)
+        elif found_inf is not None and not scalers:
             refuse = refusal("unknown-scaler")
         elif scalers and found_inf is None:
             refuse = refusal("scaler-not-stepping")
@@ -409,8 +442,8 @@ class DPOptimizer(torch.optim.Optimizer):
             refuse = refusal("no-backward")
         elif self.last_micro_batches > 1 and any(getattr(p, "requires_units", False) for p in self._parts):
             refuse = refusal("units-several-backwards", count=self.last_micro_batches)
-        elif self._noise_bound is not None and self._noise_bound < _module_bound(self._parts) * (1 - 1e-12):
-            refuse = refusal("noise-below-clipping", noise=self._noise_bound, bound=_module_bound(self._parts))
+        elif self._noise_bound is not None and self._noise_bound < self._clipping_bound() * (1 - 1e-12):
+            refuse = refusal("noise-below-clipping", noise=self._noise_bound, bound=self._clipping_bound())
         if refuse is not None:
             self._discard_grads()
             raise refuse

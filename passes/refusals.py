@@ -163,6 +163,11 @@ REFUSALS = {
         "the noise threshold max_grad_norm={noise} is now below the "
         "module's clipping bound {bound}: the noise would not "
         "cover the sensitivity. Lower pm.max_grad_norm or raise the optimizer's."),
+    "unprivatized-parameter-released": (
+        "{count} optimizer parameter(s) outside the privatized module became trainable or hold a "
+        "gradient since the optimizer was built: their gradients are not clipped. Freeze them "
+        "(requires_grad_(False) and .grad = None) or privatize the model that holds them. No "
+        "parameter changed."),
     "parameters-not-in-optimizer": (
         "{count} trainable parameter(s) of the privatized module are not in the "
         "optimizer (first: {first!r}): they would never be updated while the privacy "

@@ -9,6 +9,7 @@ import copy
 import torch
 from reference import per_sample_reference
 from torch import nn
+from torch.utils.data import TensorDataset
 
 import fxclip
 
@@ -46,6 +47,15 @@ class MaskedBag(nn.Module):
         m = attention_mask.unsqueeze(-1).to(self.emb.weight.dtype)
         pooled = (self.emb(input_ids) * m).sum(1) / m.sum(1).clamp(min=1)
         return self.head(torch.tanh(self.hidden(pooled)))
+
+
+def masked_rows(n=24, seed=0):
+    """MaskedBag's data: token ids right-padded with an attention mask, float64 targets."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 7, (n,), generator=g)
+    mask = (torch.arange(6)[None, :] < lengths[:, None]).long()
+    tokens = torch.randint(1, 30, (n, 6), generator=g) * mask
+    return TensorDataset(tokens, mask, torch.randn(n, 3, dtype=D, generator=g) * 3)
 
 
 def per_row_loss(out, y):

@@ -10,25 +10,16 @@ import threading
 
 import pytest
 import torch
-from helpers import D, MaskedBag, per_row_loss, sq_loss
+from helpers import D, MaskedBag, masked_rows, per_row_loss, sq_loss
 from reference import per_sample_reference
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 import fxclip
 from fxclip import noise
 from fxclip.noise import NoiseSource
 
 C, SIGMA, B = 0.3, 0.8, 4
-
-
-def masked_rows(n=24, seed=0):
-    """Token ids right-padded with an attention mask, float64 targets, and each row's index + 1."""
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(1, 7, (n,), generator=g)
-    mask = (torch.arange(6)[None, :] < lengths[:, None]).long()
-    tokens = torch.randint(1, 30, (n, 6), generator=g) * mask
-    return TensorDataset(tokens, mask, torch.randn(n, 3, dtype=D, generator=g) * 3)
 
 
 @pytest.fixture

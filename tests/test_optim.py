@@ -1,10 +1,13 @@
-"""DPOptimizer: noise scale and freshness, exact accumulation, empty steps, checkpoints, errors."""
+"""DPOptimizer: noise scale and freshness, exact accumulation, empty steps, checkpoints, errors,
+parameters unfrozen during a run."""
+import copy
 import io
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import MaskedBag, masked_rows, per_row_loss, sq_loss
 from reference import per_sample_reference
 from torch import nn
 
@@ -215,3 +218,67 @@ def test_compiled_module_gives_the_eager_update():
         results.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_layer_unfrozen_during_the_run_is_noised_from_then_on(compiled):
+    """Gradual unfreezing, as fine-tuning runs do: the embedding is frozen when the optimizer is
+    built and unfrozen after two steps. Token ids with an attention mask as keywords, batches of
+    changing size (an empty one among them); at every step the float64 update of
+    every parameter is the oracle's clipped sum plus sigma C z / B, z the stream's next values
+    for the parameters trainable at that step (the unfrozen layer got no noise before)."""
+    torch.manual_seed(0)
+    model = MaskedBag().double()
+    oracle = copy.deepcopy(model)
+    model.emb.weight.requires_grad_(False)
+    pm = fxclip.privatize(model, max_grad_norm=C, loss_reduction="mean", loss_fn=per_row_loss)
+    opt = DPOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), pm, noise_multiplier=SIGMA,
+                      expected_batch_size=4, generator=torch.Generator().manual_seed(5))
+    stream = torch.Generator().manual_seed(5)
+    run = torch.compile(pm) if compiled else pm
+    rows, sizes = masked_rows(), (4, 3, 5, 0, 2, 6)
+    for step, size in enumerate(sizes):
+        if step == 2:
+            model.emb.weight.requires_grad_(True)
+        start = sum(sizes[:step])
+        tokens, mask, y = rows[start:start + size]
+        oracle.load_state_dict(model.state_dict())
+        for p, q in zip(model.parameters(), oracle.parameters()):
+            q.requires_grad_(p.requires_grad)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt.zero_grad()
+        if size:
+            run(tokens, attention_mask=mask, target=y).mean().backward()
+        opt.step()
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        z = {n: torch.randn(p.shape, dtype=p.dtype, generator=stream)
+             for n, p in model.named_parameters() if n in trainable}
+        clipped = (per_sample_reference(oracle, (tokens, mask), y, sq_loss, C, loss_reduction="sum")[0]
+                   if size else {n: 0.0 for n in trainable})
+        for n, p in model.named_parameters():
+            if n not in trainable:
+                assert torch.equal(p.detach(), before[n]), n
+                continue
+            want = (clipped[n] + SIGMA * C * z[n]) / 4
+            torch.testing.assert_close(before[n] - p.detach(), want, rtol=1e-9, atol=1e-12, msg=(step, n))
+    assert model.emb.weight.requires_grad and opt.steps == len(sizes)
+
+
+def test_an_optimizer_parameter_outside_the_module_that_becomes_trainable_is_refused():
+    model = nn.Linear(3, 2)
+    extra = nn.Parameter(torch.zeros(4), requires_grad=False)  # frozen: accepted at construction
+    pm = fxclip.privatize(model, max_grad_norm=C, loss_reduction="sum")
+    opt = DPOptimizer(torch.optim.SGD([*model.parameters(), extra], lr=LR), pm, noise_multiplier=SIGMA,
+                      expected_batch_size=4, loss_reduction="sum")
+    for _ in range(2):  # steps go on while it stays frozen
+        opt.zero_grad()
+        pm(torch.randn(4, 3)).sum().backward()
+        opt.step()
+    extra.requires_grad_(True)
+    opt.zero_grad()
+    (pm(torch.randn(4, 3)).sum() + extra.sum()).backward()  # an unclipped gradient
+    before = [p.detach().clone() for p in (*model.parameters(), extra)]
+    with pytest.raises(fxclip.PrivacyError) as info:
+        opt.step()
+    assert info.value.id == "unprivatized-parameter-released"
+    assert all(torch.equal(p.detach(), b) for p, b in zip((*model.parameters(), extra), before))
