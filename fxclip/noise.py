@@ -107,14 +107,16 @@ class _Plan:
         for a run drawn on another device than its own (a CPU generator for accelerator
         gradients: drawn, then copied)."""
         if self._buffers is None:
+            shared, self._buffers = {}, []
             largest = max(sum(sizes) for sizes, _, _ in self.layout)
-            kinds = {(dtype, device) for _, dtype, device in self.layout}
-            shared = {kind: torch.empty(largest, dtype=kind[0], device=kind[1]) for kind in kinds}
-            self._buffers = []
             for run, (sizes, dtype, device) in enumerate(self.layout):
+                if draw_device is not None and torch.device(draw_device) != device:
+                    self._buffers.append(None)
+                    continue
+                if (dtype, device) not in shared:
+                    shared[dtype, device] = torch.empty(largest, dtype=dtype, device=device)
                 z = shared[dtype, device][:sum(sizes)]
-                own = draw_device is None or torch.device(draw_device) == device
-                self._buffers.append((z.split(sizes), self.views(z, run)) if own else None)
+                self._buffers.append((z.split(sizes), self.views(z, run)))
         return self._buffers
 
 

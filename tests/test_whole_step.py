@@ -148,3 +148,17 @@ def test_poisson_batches_drawn_in_blocks_are_the_per_batch_draws(monkeypatch, bl
     sampler = PoissonBatchSampler(n, q, num_batches=batches, generator=torch.Generator().manual_seed(2))
     assert list(sampler) == want
     assert torch.equal(sampler.generator.get_state(), gen.get_state())
+
+
+def test_gradients_on_another_device_than_the_generator_are_drawn_then_copied():
+    """A CPU generator for gradients elsewhere ("meta" stands in for an accelerator): that run is
+    drawn on the CPU and copied, the CPU run reuses the step's buffer; one stream for both."""
+    source = noise.NoiseSource(torch.Generator().manual_seed(0), secure=False, prefetch=False)
+    stream = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        accs = [torch.zeros(5, device="meta"), torch.zeros(3)]
+        source.add_(accs, 1.0)
+        torch.randn(5, generator=stream)  # the meta run's values
+        assert torch.equal(accs[1], torch.randn(3, generator=stream))
+    (plan,) = source._plans.values()
+    assert [b is None for b in plan.buffers(torch.device("cpu"))] == [True, False]
