@@ -3,6 +3,8 @@
     python -m bench.whole_step                          # digits, mlp, gpt -> results/whole_step.json
     python -m bench.whole_step --models digits --rounds 5 --no-save
     python -m bench.whole_step --models digits --profile   # + torch.profiler table of the private step
+    python -m bench.whole_step --models digits --fixed-batch --out bench/results/whole_step_fixed.json
+                                                        # no loader: the demo's timed line
 
 The other benchmarks time forward+backward only. A user times the loop below, so this one does:
 
@@ -14,6 +16,12 @@ its Poisson loader (expected batch B) and DPOptimizer (state read, noise, accoun
 `private_prefetch` the same with prefetch_noise=True (the next step's noise drawn on a worker
 thread while the loop loads data and runs forward and backward); `plain` a shuffled DataLoader of
 batch B and plain SGD. The models (with the loss) are torch.compile'd.
+`floor` is the private loop with DPOptimizer's step and zero_grad replaced by the least any
+DP-SGD step does on the host, inline, with none of DPOptimizer's checks (FloorOptimizer): what the
+private step would cost if its own Python cost nothing. `floor_no_draw` the same with the noise
+drawn once and reused: the cost if the Gaussian draw were free (drawn elsewhere, in parallel).
+Neither is private (no checks; no_draw reuses its noise): they bound what optimizing
+DPOptimizer can reach on this machine.
 Each phase of each step is timed on its own (perf_counter around it; CPU ops are synchronous), so
 the breakdown says where the private step's extra time goes.
 
@@ -24,6 +32,7 @@ tables quote the median and the min over rounds, and their ratios private / plai
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import time
@@ -38,7 +47,7 @@ import fxclip
 from .models import MODELS, PerSampleCE
 
 PHASES = ("loader", "zero_grad", "fwd_bwd", "opt_step")
-VARIANTS = ("private", "private_prefetch", "plain")
+VARIANTS = ("private", "private_prefetch", "floor", "floor_no_draw", "plain")
 # model -> (expected batch size, dataset size): digits as in examples/demo.py (1347 training images)
 SETUPS = {"digits": (64, 1347), "mlp": (16, 512), "gpt": (16, 256)}
 RESULTS = Path(__file__).parent / "results" / "whole_step.json"
@@ -103,6 +112,51 @@ def build_private(name: str, dataset, batch: int, seed: int, prefetch_noise: boo
     return Stepper(loader, opt, lambda x, y: run(x, target=y).mean().backward())
 
 
+class FloorOptimizer:
+    """The least a DP-SGD step does on the host, inline: read the backward's device state (the
+    one sync) and reset it, draw N(0, 1) for every gradient coordinate into one reused buffer,
+    add sigma C / B times it to the gradients in one fused op, count the step, run the inner
+    optimizer. `draw=False`: the buffer is drawn once and reused (the draw made free)."""
+
+    def __init__(self, opt: fxclip.DPOptimizer, draw: bool):
+        self.inner = opt.original_optimizer
+        self.state = opt.module.device_state
+        self.params = [p for group in self.inner.param_groups for p in group["params"]]
+        sizes = [p.numel() for p in self.params]
+        self.pieces = torch.empty(sum(sizes)).split(sizes)
+        self.noise = [piece.view(p.shape) for piece, p in zip(self.pieces, self.params)]
+        self.generator = torch.Generator().manual_seed(0)
+        self.std = opt.noise_multiplier * opt.max_grad_norm / opt.expected_batch_size
+        self.sigma, self.q, self.accountant = opt.noise_multiplier, opt.sample_rate, opt.accountant
+        self.draw = draw
+        self._fill()
+
+    def _fill(self):
+        for piece in self.pieces:  # one draw per parameter, as DPOptimizer's stream
+            piece.normal_(generator=self.generator)
+
+    def zero_grad(self):
+        self.inner.zero_grad()
+        self.state.reset()
+
+    def step(self):
+        self.state.read()
+        self.state.reset()
+        if self.draw:
+            self._fill()
+        pairs = [(p.grad, z) for p, z in zip(self.params, self.noise) if p.grad is not None]
+        if pairs:
+            torch._foreach_add_(*map(list, zip(*pairs)), alpha=self.std)
+        self.accountant.step(self.sigma, self.q)
+        self.inner.step()
+
+
+def build_floor(name: str, dataset, batch: int, seed: int, draw: bool) -> Stepper:
+    stepper = build_private(name, dataset, batch, seed)
+    stepper.opt = FloorOptimizer(stepper.opt, draw)
+    return stepper
+
+
 def build_plain(name: str, dataset, batch: int, seed: int) -> Stepper:
     model = _model(name, seed)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -121,13 +175,18 @@ def _summary(rounds: list[list[float]]) -> dict:
             for k, v in columns.items()}
 
 
-def measure(name: str, rounds: int, steps: int, warmup: int, seed: int = 0) -> dict:
+def measure(name: str, rounds: int, steps: int, warmup: int, seed: int = 0, fixed: bool = False) -> dict:
+    """fixed: every variant steps on the dataset's first B rows, no loader (the demo's timed line)."""
     batch, size = SETUPS[name]
     dataset = _dataset(name, size, seed)
     steppers = {"private": build_private(name, dataset, batch, seed),
                 "private_prefetch": build_private(name, dataset, batch, seed, prefetch_noise=True),
+                "floor": build_floor(name, dataset, batch, seed, draw=True),
+                "floor_no_draw": build_floor(name, dataset, batch, seed, draw=False),
                 "plain": build_plain(name, dataset, batch, seed)}
     for s in steppers.values():
+        if fixed:
+            s.batches = itertools.repeat(dataset[:batch])
         for _ in range(warmup):
             s.step()
     per_round = {v: [] for v in VARIANTS}
@@ -135,7 +194,7 @@ def measure(name: str, rounds: int, steps: int, warmup: int, seed: int = 0) -> d
         for v in (VARIANTS if r % 2 == 0 else VARIANTS[::-1]):
             times = [steppers[v].step() for _ in range(steps)]
             per_round[v].append([sum(col) / steps for col in zip(*times)])
-    out = {"model": name, "expected_batch": batch, "dataset": size, "rounds": rounds,
+    out = {"model": name, "expected_batch": batch, "dataset": size, "fixed_batch": fixed, "rounds": rounds,
            "steps_per_round": steps, "phases": {v: _summary(per_round[v]) for v in VARIANTS}}
     q = out["phases"]["plain"]["total"]
     for v in VARIANTS[:-1]:
@@ -169,12 +228,12 @@ def table(results: list[dict]) -> str:
             p, ratio = r["phases"][v]["total"], r["ratio" if v == "private" else f"ratio_{v}"]
             lines.append(f"| {r['model']} | {r['expected_batch']} | {v} | {p['median_ms']:.3f} / {p['min_ms']:.3f} "
                          f"| {q['median_ms']:.3f} / {q['min_ms']:.3f} | {ratio['median']:.2f}x | {ratio['min']:.2f}x |")
-    lines += ["", "| model | phase | private ms | private_prefetch ms | plain ms | extra ms (private / prefetch) |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "| model | phase | " + " | ".join(f"{v} ms" for v in VARIANTS) + " |",
+              "|---|---|" + "---|" * len(VARIANTS)]
     for r in results:
         for ph in PHASES:
-            p, f, q = (r["phases"][v][ph]["median_ms"] for v in VARIANTS)
-            lines.append(f"| {r['model']} | {ph} | {p:.3f} | {f:.3f} | {q:.3f} | {p - q:+.3f} / {f - q:+.3f} |")
+            ms = " | ".join(f"{r['phases'][v][ph]['median_ms']:.3f}" for v in VARIANTS)
+            lines.append(f"| {r['model']} | {ph} | {ms} |")
     return "\n".join(lines)
 
 
@@ -185,6 +244,8 @@ def main():
     ap.add_argument("--steps", type=int, default=0, help="steps per round (default: per model)")
     ap.add_argument("--warmup", type=int, default=30)
     ap.add_argument("--profile", action="store_true", help="also profile the private step")
+    ap.add_argument("--fixed-batch", action="store_true",
+                    help="no loader: every step on one batch of B rows, as examples/demo.py times it")
     ap.add_argument("--no-save", action="store_true")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--threads", type=int, default=1,
@@ -194,7 +255,7 @@ def main():
     results = []
     for name in args.models:
         steps = args.steps or {"digits": 50, "mlp": 5, "gpt": 5}[name]
-        r = measure(name, args.rounds, steps, args.warmup)
+        r = measure(name, args.rounds, steps, args.warmup, fixed=args.fixed_batch)
         if args.profile:
             r["profile_private"] = profile_private(name, steps=max(steps, 20))
         results.append(r)

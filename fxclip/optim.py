@@ -327,14 +327,20 @@ class DPOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def _add_noise(self) -> None:
         std = self.noise_multiplier * self.max_grad_norm / self._divisor()
-        accs = [self._accumulator(p) for p in self._params]
-        local = [_local_tensor(acc) for acc in accs]  # a sharded gradient: this rank's shard
+        grads = [p.grad for p in self._params]
+        if all(type(g) is torch.Tensor and g.layout is torch.strided and g.dtype is p.dtype
+               and g.dtype not in _LOW_PRECISION for g, p in zip(grads, self._params)):
+            accs = local = grads  # the common case: dense gradients, noised in place as they are
+        else:
+            accs = [self._accumulator(p) for p in self._params]
+            local = [_local_tensor(acc) for acc in accs]  # a sharded gradient: this rank's shard
         if self._adds_noise():
             self.noise_source.add_(local, std)
         self._combine_sums(local)
-        for p, acc in zip(self._params, accs):
-            if acc is not p.grad:
-                p.grad = acc.to(p.dtype)
+        if accs is not grads:
+            for p, acc in zip(self._params, accs):
+                if acc is not p.grad:
+                    p.grad = acc.to(p.dtype)
 
     # --- where several processes differ (fxclip.distributed.DistributedDPOptimizer overrides) ---
     def _adds_noise(self) -> bool:

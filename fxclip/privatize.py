@@ -109,7 +109,7 @@ class PrivatizedModule(nn.Module):
     @property
     def device_state(self) -> DeviceState:
         """What the backwards record on the device (protocol.DeviceState)."""
-        return DeviceState(self._fxclip_state)
+        return DeviceState(self._buffers["_fxclip_state"])  # not through Module.__getattr__: read every step
 
     def read_state(self) -> dict:
         """The device state as Python numbers (one host sync): counts since the last reset."""
