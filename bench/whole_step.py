@@ -14,7 +14,8 @@ The other benchmarks time forward+backward only. A user times the loop below, so
 `private` is fxclip.make_private(model, SGD, loader, noise_multiplier=1.0, max_grad_norm=1.0) with
 its Poisson loader (expected batch B) and DPOptimizer (state read, noise, accountant);
 `private_prefetch` the same with prefetch_noise=True (the next step's noise drawn on a worker
-thread while the loop loads data and runs forward and backward); `plain` a shuffled DataLoader of
+thread while the loop loads data and runs forward and backward); `philox` and `philox_prefetch`
+the same two with noise_rng="philox" (fxclip.philox's counter-based stream); `plain` a shuffled DataLoader of
 batch B and plain SGD. The models (with the loss) are torch.compile'd.
 `floor` is the private loop with DPOptimizer's step and zero_grad replaced by the least any
 DP-SGD step does on the host, inline, with none of DPOptimizer's checks (FloorOptimizer): what the
@@ -47,7 +48,7 @@ import fxclip
 from .models import MODELS, PerSampleCE
 
 PHASES = ("loader", "zero_grad", "fwd_bwd", "opt_step")
-VARIANTS = ("private", "private_prefetch", "floor", "floor_no_draw", "plain")
+VARIANTS = ("private", "private_prefetch", "philox", "philox_prefetch", "floor", "floor_no_draw", "plain")
 # model -> (expected batch size, dataset size): digits as in examples/demo.py (1347 training images)
 SETUPS = {"digits": (64, 1347), "mlp": (16, 512), "gpt": (16, 256)}
 RESULTS = Path(__file__).parent / "results" / "whole_step.json"
@@ -102,12 +103,13 @@ def _model(name: str, seed: int) -> nn.Module:
     return MODELS[name].build()
 
 
-def build_private(name: str, dataset, batch: int, seed: int, prefetch_noise: bool = False) -> Stepper:
+def build_private(name: str, dataset, batch: int, seed: int, prefetch_noise: bool = False,
+                  noise_rng: str = "torch") -> Stepper:
     model = _model(name, seed)
     pm, opt, loader = fxclip.make_private(
         model, torch.optim.SGD(model.parameters(), lr=0.05), DataLoader(dataset, batch_size=batch),
         noise_multiplier=1.0, max_grad_norm=1.0, loss_fn=PerSampleCE("none"),
-        generator=torch.Generator().manual_seed(seed), prefetch_noise=prefetch_noise)
+        generator=torch.Generator().manual_seed(seed), prefetch_noise=prefetch_noise, noise_rng=noise_rng)
     run = torch.compile(pm)
     return Stepper(loader, opt, lambda x, y: run(x, target=y).mean().backward())
 
@@ -181,6 +183,8 @@ def measure(name: str, rounds: int, steps: int, warmup: int, seed: int = 0, fixe
     dataset = _dataset(name, size, seed)
     steppers = {"private": build_private(name, dataset, batch, seed),
                 "private_prefetch": build_private(name, dataset, batch, seed, prefetch_noise=True),
+                "philox": build_private(name, dataset, batch, seed, noise_rng="philox"),
+                "philox_prefetch": build_private(name, dataset, batch, seed, prefetch_noise=True, noise_rng="philox"),
                 "floor": build_floor(name, dataset, batch, seed, draw=True),
                 "floor_no_draw": build_floor(name, dataset, batch, seed, draw=False),
                 "plain": build_plain(name, dataset, batch, seed)}

@@ -26,6 +26,7 @@ def make_private(
     generator: torch.Generator | None = None,
     secure_rng: bool = False,
     prefetch_noise: bool = False,
+    noise_rng: str = "torch",
     accountant: str = "rdp",
     loss_fn=None,
     grad_scaler=None,
@@ -50,7 +51,8 @@ def make_private(
     q = data_loader.batch_size / len(dataset) and expected batch size data_loader.batch_size;
     an epoch is round(1/q) batches. `generator` seeds both the sampling and the noise (tests,
     experiments); real deployments should use secure_rng=True for the noise. prefetch_noise=True
-    draws each step's noise ahead on a worker thread (CPU; see DPOptimizer).
+    draws each step's noise ahead on a worker thread (CPU; see DPOptimizer); noise_rng="philox"
+    draws it from a counter-based stream about twice as fast on CPU (fxclip.philox).
 
     loss_fn(output, target) -> per-sample losses (B,): the loss is traced with the model and
     checked (see fxclip.privatize); train with `pm(x, target=y).mean()` (or .sum() for
@@ -133,7 +135,8 @@ def make_private(
 
     options = dict(noise_multiplier=noise_multiplier, expected_batch_size=batch_size,
                    sample_rate=sample_rate, generator=None if secure_rng else generator,
-                   secure_rng=secure_rng, prefetch_noise=prefetch_noise, accountant=Accountant(accountant),
+                   secure_rng=secure_rng, prefetch_noise=prefetch_noise, noise_rng=noise_rng,
+                   accountant=Accountant(accountant),
                    adaptive_clipping=adaptive_clipping)
     if world is None:
         return pm, DPOptimizer(optimizer, pm, **options), loader

@@ -28,7 +28,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from . import philox as philox_stream
+
 NOISE_CHUNK = 1 << 18  # noise values drawn at a time (1 MB in float32)
+PARALLEL_ADD_VALUES = 1 << 20  # philox: fewer values are added on the step's thread alone
 
 
 def secure_normal(shape, *, dtype=torch.float64) -> torch.Tensor:
@@ -89,6 +92,7 @@ class _Plan:
 
     def __init__(self, accs: list, chunk: int):
         self.runs = _plan_runs(accs, chunk)
+        self.count = len(accs)
         self.shapes = [[_piece(accs, piece).shape for piece in run] for run in self.runs]
         self.layout = tuple((tuple(math.prod(s) for s in shapes), accs[run[0][0]].dtype, accs[run[0][0]].device)
                             for run, shapes in zip(self.runs, self.shapes))
@@ -102,7 +106,7 @@ class _Plan:
         return [zi.view(shape) for zi, shape in zip(z.split(self.layout[run][0]), self.shapes[run])]
 
     def buffers(self, draw_device) -> list:
-        """Per run, where a draw at the step goes: (its pieces, flat, to draw into; the same shaped
+        """Per run, where a draw at the step goes: (the flat buffer to draw into; its pieces shaped
         like the run's pieces) in ONE buffer of the largest run's size, reused at every step; None
         for a run drawn on another device than its own (a CPU generator for accelerator
         gradients: drawn, then copied)."""
@@ -116,7 +120,7 @@ class _Plan:
                 if (dtype, device) not in shared:
                     shared[dtype, device] = torch.empty(largest, dtype=dtype, device=device)
                 z = shared[dtype, device][:sum(sizes)]
-                self._buffers.append((z.split(sizes), self.views(z, run)))
+                self._buffers.append((z, self.views(z, run)))
         return self._buffers
 
 
@@ -131,18 +135,27 @@ class NoiseSource:
         generator: torch.Generator of the stream; None: torch's global RNG.
         secure: draw from os.urandom instead (no generator).
         prefetch: draw the next step's values on a worker thread (CPU tensors only).
+        philox: draw from fxclip.philox's counter-based stream (CPU), keyed by one draw from
+            `generator`: each run's values are those of the next draw number.
     """
 
-    def __init__(self, generator: torch.Generator | None, *, secure: bool, prefetch: bool):
+    def __init__(self, generator: torch.Generator | None, *, secure: bool, prefetch: bool,
+                 philox: bool = False):
         self.secure = secure
         self.prefetch = prefetch
         self.generator = generator
-        if prefetch and not secure:
+        self.philox_key = None
+        if philox:
+            philox_stream.library()  # compiled now: a missing compiler shows at construction
+            self.philox_key = _seed(generator)
+            self._philox_draws = 0  # draws made so far: the next draw's number
+        elif prefetch and not secure:
             self.generator = _forked(generator)
         self._worker = None
         self._pending = None  # (layout, per run the future of its values)
-        self._last_layout = None  # the last add_'s: the next step's is drawn for it
+        self._last_plan = None  # the last add_'s: the next step's is drawn for its layout
         self._plans = {}  # accumulators' key -> _Plan
+        self._adders = None  # threads that add the philox stream's values (several torch threads)
 
     def add_(self, accs: list, std: float) -> None:
         """acc += std * z for every accumulator, z the stream's next values (the ones drawn
@@ -153,39 +166,79 @@ class NoiseSource:
             if len(self._plans) >= 16:  # layouts that keep changing: keep no stale buffers
                 self._plans.clear()
             plan = self._plans[key] = _Plan(accs, NOISE_CHUNK)
+        self._last_plan = plan
         ready = self._take_ahead(plan.layout)
+        if ready is None and self.philox_key is not None:
+            self._philox_add(accs, std)
+            return
         reusable = None if ready is not None else plan.buffers(self._draw_device())
         for run, (sizes, dtype, device) in enumerate(plan.layout):
             if ready is not None:
                 z = plan.views(ready[run].result(), run)
             elif reusable[run] is not None:
                 flat, z = reusable[run]
-                self._fill(flat)
+                self._fill(flat, sizes)
             else:
                 z = plan.views(self._draw(sizes, dtype, device), run)
             torch._foreach_add_(plan.pieces(accs, run), z, alpha=std)
-        self._last_layout = plan.layout
+
+    def _philox_add(self, accs: list, std: float) -> None:
+        """Each accumulator its own draw of the philox stream, drawn and added in one pass (no
+        buffer). With several torch threads and many values, in NOISE_CHUNK pieces over that many
+        threads (the C call releases the GIL): a counter-based stream gives the same values
+        however a draw is split."""
+        base = self._take_draws(len(accs))
+        threads = torch.get_num_threads()
+        if threads < 2 or sum(acc.numel() for acc in accs) < PARALLEL_ADD_VALUES:
+            for i, acc in enumerate(accs):
+                philox_stream.add_(acc, std, self.philox_key, base + i)
+            return
+        jobs = []
+        for i, acc in enumerate(accs):
+            if acc.is_contiguous() and acc.numel() > NOISE_CHUNK:
+                flat = acc.view(-1)
+                jobs += [(flat[start:start + NOISE_CHUNK], base + i, start)
+                         for start in range(0, flat.numel(), NOISE_CHUNK)]
+            else:
+                jobs.append((acc, base + i, 0))
+        if self._adders is None or self._adders._max_workers != threads:
+            self._adders = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fxclip-noise-add")
+            weakref.finalize(self, self._adders.shutdown, wait=False)
+        list(self._adders.map(lambda job: philox_stream.add_(job[0], std, self.philox_key, job[1], job[2]), jobs))
+
+    def _take_draws(self, count: int) -> int:
+        """The philox stream's next `count` draw numbers: the first of them."""
+        first = self._philox_draws
+        self._philox_draws += count
+        return first
 
     def _draw_device(self):
         """Where the stream's values are drawn: the generator's device (None: the tensors')."""
+        if self.philox_key is not None:
+            return torch.device("cpu")
         return None if self.generator is None or self.secure else self.generator.device
 
     def normal(self, numel: int, dtype: torch.dtype, device) -> torch.Tensor:
         """numel N(0, 1) values of the stream, drawn now (after any draw in flight)."""
         self._wait()
-        return self._draw([numel], dtype, device)
+        draws = None if self.philox_key is None else [(self._take_draws(1), 0)]
+        return self._draw([numel], dtype, device, draws)
 
     def draw_ahead(self) -> None:
         """Start drawing the next step's values (prefetch only; the layout of the last add_)."""
-        layout = self._last_layout
-        if not self.prefetch or layout is None or self._pending is not None:
+        plan = self._last_plan
+        if not self.prefetch or plan is None or self._pending is not None:
             return
         if self._worker is None:
             self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fxclip-noise")
             weakref.finalize(self, self._worker.shutdown, wait=False)
+        # philox: each accumulator's piece is its draw from its start, numbered now, in order
+        base = None if self.philox_key is None else self._take_draws(plan.count)
+        draws = [None if base is None else [(base + i, start or 0) for i, start, _ in run] for run in plan.runs]
         # one job per run, in order: the step adds each run's values as soon as they are drawn,
         # while the worker draws the next run's
-        self._pending = (layout, [self._worker.submit(self._draw, *run) for run in layout])
+        self._pending = (plan.layout, [self._worker.submit(self._draw, *run, run_draws)
+                                       for run, run_draws in zip(plan.layout, draws)])
 
     def _take_ahead(self, layout: tuple) -> list | None:
         """The futures of the values drawn ahead for `layout`, one per run; None when nothing
@@ -206,23 +259,31 @@ class NoiseSource:
             for future in self._pending[1]:
                 future.result()
 
-    def _draw(self, sizes: list, dtype: torch.dtype, device) -> torch.Tensor:
+    def _draw(self, sizes: list, dtype: torch.dtype, device, draws: list | None = None) -> torch.Tensor:
         """N(0, 1) values in one new flat buffer, each piece of `sizes` its own draw."""
         z = torch.empty(sum(sizes), dtype=dtype, device=self._draw_device() or device)
-        self._fill(z.split(sizes))
+        self._fill(z, sizes, draws)
         return z.to(device)
 
-    def _fill(self, pieces) -> None:
-        """Each piece its own draw: the values of torch.randn(n) per piece (secure: os.urandom's)."""
-        for piece in pieces:
+    def _fill(self, z: torch.Tensor, sizes, draws: list | None = None) -> None:
+        """Draws a run into its flat buffer z: one draw per piece of `sizes`, the values of
+        torch.randn(n) (secure: os.urandom's); philox: per piece (draw number, first value)."""
+        if self.philox_key is not None:
+            for piece, (draw, first) in zip(z.split(sizes), draws):
+                philox_stream.normal_(piece, self.philox_key, draw, first)
+            return
+        for piece in z.split(sizes):
             if self.secure:
                 piece.copy_(secure_normal(piece.shape))
             else:
                 piece.normal_(generator=self.generator)
 
 
+def _seed(generator: torch.Generator | None) -> int:
+    """One draw from `generator` (None: torch's global RNG): runs seeded the same draw the same noise."""
+    return int(torch.randint(0, 2**62, (1,), generator=generator))
+
+
 def _forked(generator: torch.Generator | None) -> torch.Generator:
-    """A CPU generator of its own, seeded by one draw from `generator` (None: torch's global RNG),
-    so that runs seeded the same draw the same noise."""
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-    return torch.Generator().manual_seed(seed)
+    """A CPU generator of its own, seeded by one draw from `generator`."""
+    return torch.Generator().manual_seed(_seed(generator))

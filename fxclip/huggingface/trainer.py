@@ -71,6 +71,9 @@ class DPTrainingArguments(TrainingArguments):
     prefetch_noise: bool = dataclasses.field(
         default=False, metadata={"help": "Draw each step's noise ahead on a worker thread while the "
                                          "forward and backward run (CPU training; see fxclip.noise)."})
+    noise_rng: str = dataclasses.field(
+        default="torch", metadata={"help": "'torch' (torch.randn) or 'philox': a counter-based stream about "
+                                           "twice as fast on CPU (fxclip.philox)."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -201,7 +204,8 @@ class DPTrainer(Trainer):
             optimizer, pm, noise_multiplier=self._noise_multiplier(self.state.max_steps),
             expected_batch_size=self.expected_batch_size, max_grad_norm=self.args.max_grad_norm,
             loss_reduction="mean", sample_rate=self.sample_rate, secure_rng=self.args.secure_rng,
-            prefetch_noise=self.args.prefetch_noise, accountant=self.args.accountant)
+            prefetch_noise=self.args.prefetch_noise, noise_rng=self.args.noise_rng,
+            accountant=self.args.accountant)
         self.optimizer = self._dp_optimizer
         return self.optimizer
 
