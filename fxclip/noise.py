@@ -17,6 +17,12 @@ that off the training thread onto an idle core. It holds one gradient-sized floa
 draws from its own generator, seeded once from the given one (or torch's global RNG): the loader
 may share that generator, and two threads reading one generator would make the order of the
 values depend on timing.
+
+`philox=True` (DPOptimizer's noise_rng="philox", CPU) draws from fxclip.philox's counter-based
+stream instead, keyed by one draw from the given generator: each accumulator at each step is its
+own draw (numbered in optimizer order, on from the last step's), and at the step it is drawn and
+added in one pass with no buffer, over torch's threads when there are many values. A value
+depends only on (key, draw, index), so drawing ahead gives the same run as drawing at the step.
 """
 from __future__ import annotations
 
@@ -160,6 +166,9 @@ class NoiseSource:
     def add_(self, accs: list, std: float) -> None:
         """acc += std * z for every accumulator, z the stream's next values (the ones drawn
         ahead when their layout is this step's, else drawn now)."""
+        if self.philox_key is not None and not self.prefetch:
+            self._philox_add(accs, std)  # drawn and added in one pass: no plan, no buffer
+            return
         key = _accumulators_key(accs, NOISE_CHUNK)
         plan = self._plans.get(key)
         if plan is None:

@@ -222,7 +222,7 @@ def add_(acc: torch.Tensor, alpha: float, key: int, draw: int, first: int = 0) -
     """acc += alpha * (values first .. of draw `draw`), in one pass for a contiguous float32 CPU
     tensor (no buffer); else through normal_ and one fused add."""
     if acc.dtype == torch.float32 and acc.is_contiguous() and acc.device.type == "cpu" and not first % BLOCK_VALUES:
-        library().fxclip_philox_add(acc.data_ptr(), acc.numel(), key % 2**64, draw % 2**64, first, alpha)
+        (_library or library()).fxclip_philox_add(acc.data_ptr(), acc.numel(), key % 2**64, draw % 2**64, first, alpha)
         return acc
     z = normal_(torch.empty(acc.shape, dtype=acc.dtype), key, draw, first)
     torch._foreach_add_([acc], [z], alpha=alpha)
