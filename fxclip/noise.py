@@ -142,7 +142,7 @@ class NoiseSource:
         secure: draw from os.urandom instead (no generator).
         prefetch: draw the next step's values on a worker thread (CPU tensors only).
         philox: draw from fxclip.philox's counter-based stream (CPU), keyed by one draw from
-            `generator`: each run's values are those of the next draw number.
+            `generator`: each accumulator at each step is the stream's next draw.
     """
 
     def __init__(self, generator: torch.Generator | None, *, secure: bool, prefetch: bool,

@@ -182,3 +182,29 @@ def test_key_is_one_draw_of_the_generator_and_options_are_checked():
         make(noise_rng="mt")
     with pytest.raises(ValueError, match="os.urandom"):
         make(noise_rng="philox", secure_rng=True)
+
+
+def _float32_run(prefetch: bool, batches: list) -> list:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    pm = fxclip.privatize(model, max_grad_norm=C, loss_fn=per_row_loss)
+    opt = fxclip.DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.5), pm, noise_multiplier=SIGMA,
+                             expected_batch_size=B, generator=torch.Generator().manual_seed(4),
+                             noise_rng="philox", prefetch_noise=prefetch)
+    for x, y in batches:
+        opt.zero_grad()
+        if len(y):
+            pm(x, target=y).mean().backward()
+        opt.step()
+    opt.noise_source._wait()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_float32_run_drawn_ahead_is_the_run_drawn_at_the_step():
+    """float32 gradients: at the step the C code draws and adds in one pass; ahead, the worker
+    draws and the step adds with torch: the same values and the same rounding, bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(k, 6, generator=g), torch.randn(k, 3, generator=g)) for k in (5, 2, 0, 7, 4)]
+    at_step, ahead = _float32_run(False, batches), _float32_run(True, batches)
+    assert all(torch.equal(a, b) for a, b in zip(at_step, ahead))
+    assert not torch.equal(at_step[0], _float32_run(False, batches[:1])[0])  # the steps moved it
