@@ -161,7 +161,7 @@ class NoiseSource:
         self._pending = None  # (layout, per run the future of its values)
         self._last_plan = None  # the last add_'s: the next step's is drawn for its layout
         self._plans = {}  # accumulators' key -> _Plan
-        self._adders = None  # threads that add the philox stream's values (several torch threads)
+        self._adders = None  # (count, pool) of threads adding philox values (several torch threads)
 
     def add_(self, accs: list, std: float) -> None:
         """acc += std * z for every accumulator, z the stream's next values (the ones drawn
@@ -210,10 +210,13 @@ class NoiseSource:
                          for start in range(0, flat.numel(), NOISE_CHUNK)]
             else:
                 jobs.append((acc, base + i, 0))
-        if self._adders is None or self._adders._max_workers != threads:
-            self._adders = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fxclip-noise-add")
-            weakref.finalize(self, self._adders.shutdown, wait=False)
-        list(self._adders.map(lambda job: philox_stream.add_(job[0], std, self.philox_key, job[1], job[2]), jobs))
+        if self._adders is None or self._adders[0] != threads:  # torch's thread count changed
+            if self._adders is not None:
+                self._adders[1].shutdown(wait=False)
+            pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fxclip-noise-add")
+            weakref.finalize(self, pool.shutdown, wait=False)
+            self._adders = (threads, pool)
+        list(self._adders[1].map(lambda job: philox_stream.add_(job[0], std, self.philox_key, job[1], job[2]), jobs))
 
     def _take_draws(self, count: int) -> int:
         """The philox stream's next `count` draw numbers: the first of them."""
