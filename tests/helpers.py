@@ -9,7 +9,7 @@ import copy
 import torch
 from reference import per_sample_reference
 from torch import nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 import fxclip
 
@@ -208,3 +208,42 @@ def unit_clipped_sum(model, pm, x, y, ids) -> torch.Tensor:
     model.zero_grad(set_to_none=True)
     pm(x, target=y, privacy_unit=ids).sum().backward()
     return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+def masked_private_run(compiled: bool, noise_for, C: float, sigma: float, batch: int, seed: int = 3,
+                       **make_private_options) -> tuple:
+    """Two epochs of make_private's Poisson loader over masked_rows as a user's loop makes them
+    (token ids with the attention mask as a keyword, empty batches included, eager or compiled).
+    After every step the update must be, in float64, (the oracle's clipped sum + sigma C z) / batch,
+    z = noise_of_step(step, model) -> {name: values}, noise_of_step = noise_for(opt) made right
+    after make_private. Returns (opt, parameters, sizes, steps)."""
+    torch.manual_seed(0)
+    model = MaskedBag().to(D)
+    oracle = copy.deepcopy(model)
+    pm, opt, loader = fxclip.make_private(
+        model, torch.optim.SGD(model.parameters(), lr=1.0), DataLoader(masked_rows(), batch_size=batch),
+        noise_multiplier=sigma, max_grad_norm=C, loss_fn=per_row_loss,
+        generator=torch.Generator().manual_seed(seed), **make_private_options)
+    noise_of_step = noise_for(opt)
+    run = torch.compile(pm) if compiled else pm
+    sizes, step = set(), 0
+    for _ in range(2):  # epochs
+        for tokens, mask, y in loader:
+            before = {n: p.detach().clone() for n, p in model.named_parameters()}
+            oracle.load_state_dict(model.state_dict())
+            opt.zero_grad()
+            if len(y):
+                run(tokens, attention_mask=mask, target=y).mean().backward()
+            opt.step()
+            sizes.add(len(y))
+            z = noise_of_step(step, model)
+            step += 1
+            if len(y):
+                clipped, _ = per_sample_reference(oracle, (tokens, mask), y, sq_loss, C, loss_reduction="sum")
+            else:  # an empty batch: noise alone
+                clipped = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+            for n, p in model.named_parameters():
+                want = (clipped[n] + sigma * C * z[n]) / batch
+                torch.testing.assert_close(before[n] - p.detach(), want, rtol=1e-9, atol=1e-12, msg=n)
+    opt.noise_source._wait()
+    return opt, [p.detach().clone() for p in model.parameters()], sizes, step

@@ -5,15 +5,12 @@ tensors with a padding mask, eager and compiled. At every step the update is, in
 generator, and those values were drawn on the worker thread."""
 from __future__ import annotations
 
-import copy
 import threading
 
 import pytest
 import torch
-from helpers import D, MaskedBag, masked_rows, per_row_loss, sq_loss
-from reference import per_sample_reference
+from helpers import D, masked_private_run, per_row_loss
 from torch import nn
-from torch.utils.data import DataLoader
 
 import fxclip
 from fxclip import noise
@@ -44,34 +41,11 @@ def stream_values(generator: torch.Generator, model: nn.Module) -> dict:
 
 @pytest.mark.parametrize("compiled", [False, True])
 def test_prefetched_noise_is_the_stream_at_every_step(compiled, draw_threads):
-    torch.manual_seed(0)
-    model = MaskedBag().to(D)
-    oracle = copy.deepcopy(model)
-    pm, opt, loader = fxclip.make_private(
-        model, torch.optim.SGD(model.parameters(), lr=1.0), DataLoader(masked_rows(), batch_size=B),
-        noise_multiplier=SIGMA, max_grad_norm=C, loss_fn=per_row_loss, prefetch_noise=True,
-        generator=torch.Generator().manual_seed(3))
-    stream = torch.Generator().set_state(opt.noise_source.generator.get_state())
-    run = torch.compile(pm) if compiled else pm
-    sizes, steps = set(), 0
-    for _ in range(2):  # epochs
-        for tokens, mask, y in loader:
-            before = {n: p.detach().clone() for n, p in model.named_parameters()}
-            oracle.load_state_dict(model.state_dict())
-            opt.zero_grad()
-            if len(y):
-                run(tokens, attention_mask=mask, target=y).mean().backward()
-            opt.step()
-            steps += 1
-            sizes.add(len(y))
-            z = stream_values(stream, model)
-            if len(y):
-                clipped, _ = per_sample_reference(oracle, (tokens, mask), y, sq_loss, C, loss_reduction="sum")
-            else:  # an empty batch: noise alone
-                clipped = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
-            for n, p in model.named_parameters():
-                want = (clipped[n] + SIGMA * C * z[n]) / B
-                torch.testing.assert_close(before[n] - p.detach(), want, rtol=1e-9, atol=1e-12, msg=n)
+    def noise_for(opt):  # the next values of the optimizer's own generator, from where it starts
+        stream = torch.Generator().set_state(opt.noise_source.generator.get_state())
+        return lambda step, model: stream_values(stream, model)
+
+    opt, _, sizes, steps = masked_private_run(compiled, noise_for, C, SIGMA, B, prefetch_noise=True)
     assert len(sizes) > 3 and 0 in sizes or len(sizes) > 4
     # every step after the first added values drawn on the worker thread, which has drawn the
     # next step's too

@@ -6,17 +6,14 @@ step the update is, in float64, exactly (the oracle's clipped sum + sigma C z) /
 stream's next draw."""
 from __future__ import annotations
 
-import copy
 import math
 import threading
 
 import pytest
 import torch
-from helpers import D, MaskedBag, masked_rows, per_row_loss, sq_loss
-from reference import per_sample_reference
+from helpers import D, masked_private_run, per_row_loss
 from scipy import stats
 from torch import nn
-from torch.utils.data import DataLoader
 
 import fxclip
 from fxclip import noise, philox
@@ -100,36 +97,12 @@ def _step_draws(key: int, step: int, model: nn.Module) -> dict:
 
 
 def _masked_run(compiled: bool, prefetch: bool) -> tuple[list, set, int]:
-    torch.manual_seed(0)
-    model = MaskedBag().to(D)
-    oracle = copy.deepcopy(model)
-    pm, opt, loader = fxclip.make_private(
-        model, torch.optim.SGD(model.parameters(), lr=1.0), DataLoader(masked_rows(), batch_size=B),
-        noise_multiplier=SIGMA, max_grad_norm=C, loss_fn=per_row_loss, noise_rng="philox",
-        prefetch_noise=prefetch, generator=torch.Generator().manual_seed(3))
-    key = opt.noise_source.philox_key
-    run = torch.compile(pm) if compiled else pm
-    sizes, step = set(), 0
-    for _ in range(2):  # epochs
-        for tokens, mask, y in loader:
-            before = {n: p.detach().clone() for n, p in model.named_parameters()}
-            oracle.load_state_dict(model.state_dict())
-            opt.zero_grad()
-            if len(y):
-                run(tokens, attention_mask=mask, target=y).mean().backward()
-            opt.step()
-            sizes.add(len(y))
-            z = _step_draws(key, step, model)
-            step += 1
-            if len(y):
-                clipped, _ = per_sample_reference(oracle, (tokens, mask), y, sq_loss, C, loss_reduction="sum")
-            else:  # an empty batch: noise alone
-                clipped = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
-            for n, p in model.named_parameters():
-                want = (clipped[n] + SIGMA * C * z[n]) / B
-                torch.testing.assert_close(before[n] - p.detach(), want, rtol=1e-9, atol=1e-12, msg=n)
-    opt.noise_source._wait()
-    return [p.detach().clone() for p in model.parameters()], sizes, step
+    def noise_for(opt):  # step t adds the draws numbered on from step t - 1's
+        return lambda step, model: _step_draws(opt.noise_source.philox_key, step, model)
+
+    _, params, sizes, steps = masked_private_run(compiled, noise_for, C, SIGMA, B, noise_rng="philox",
+                                                 prefetch_noise=prefetch)
+    return params, sizes, steps
 
 
 @pytest.mark.parametrize("compiled", [False, True])
